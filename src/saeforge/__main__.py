@@ -1,0 +1,3 @@
+from saeforge.cli import main
+
+main()

@@ -193,11 +193,42 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Held-out evaluation."""
+    """Held-out evaluation (saeforge.evaluation), and the compact grid that `saeforge sweep` expands.
 
-    tokens: int = 32768
+    Grid: when `grid_architectures` is set, the [[sae]] list is replaced by one SAE per architecture and value:
+    relu/gated get one per entry of `grid_sparsity_coeffs`, topk/gradient_topk one per entry of `grid_k`; every
+    other field (width, lr, options) is copied from the first [[sae]] entry (or SAESpec's defaults).
+    """
+
+    tokens: int = 32768  # held-out tokens (split="eval"); BOS positions are not spliced or scored by the SAE
     batch_size: int = 8  # contexts per LM forward pass
-    ablation: tuple[str, ...] = ("zero", "mean")
+    ablation: tuple[str, ...] = ("zero", "mean")  # loss recovered against each of these ablations
+    dense_threshold: float = 0.1  # a latent is dense when it fires on more than this fraction of tokens
+    analyses: bool = True  # paper B: decoder max-cosine histogram, directional derivatives
+    analysis_batches: int = 4  # eval batches whose site gradients feed the directional-derivative analysis
+    ito: tuple[int, ...] = ()  # L0 targets for inference-time optimisation (gradient pursuit)
+    steering: bool = False  # paper B section 4.2 steering measurement
+    steering_latents: int = 32  # alive latents sampled per SAE
+    steering_top_tokens: int = 10  # n: the tokens with largest W_U^T d_i count as on-target
+    steering_alpha: Optional[float] = None  # added norm; None = the mean activation norm at the site
+    steering_contexts: int = 10  # eval contexts the probability change is averaged over
+    grid_architectures: tuple[str, ...] = ()
+    grid_sparsity_coeffs: tuple[float, ...] = ()
+    grid_k: tuple[int, ...] = ()
+    out_dir: Optional[str] = None  # where eval/sweep write JSON, CSV and figures; None = <train.out_dir>/eval
+
+    def __post_init__(self):
+        bad = [a for a in self.ablation if a not in ("zero", "mean")]
+        if bad or not self.ablation:
+            raise ConfigError(f"eval.ablation: each entry must be 'zero' or 'mean', got {list(self.ablation)}")
+        if self.tokens < 1 or self.batch_size < 1 or self.analysis_batches < 0:
+            raise ConfigError("eval.tokens and eval.batch_size must be positive, eval.analysis_batches >= 0")
+        if not 0.0 < self.dense_threshold < 1.0:
+            raise ConfigError(f"eval.dense_threshold: must lie in (0, 1), got {self.dense_threshold}")
+        if any(k < 1 for k in self.ito + self.grid_k):
+            raise ConfigError("eval.ito and eval.grid_k: every k must be a positive integer")
+        if self.steering_latents < 1 or self.steering_top_tokens < 1 or self.steering_contexts < 1:
+            raise ConfigError("eval.steering_latents, steering_top_tokens and steering_contexts must be positive")
 
 
 @dataclass

@@ -156,14 +156,36 @@ class DataConfig:
 class SAESpec:
     """One SAE to train on the shared activation stream."""
 
-    architecture: str = "gated"  # relu, gated, topk, gradient_topk, jumprelu
-    name: Optional[str] = None  # directory name under the run; defaults to architecture + coefficient
+    architecture: Literal["relu", "gated", "topk", "gradient_topk", "jumprelu"] = "gated"
+    name: Optional[str] = None  # directory name under the run; defaults to architecture + coefficient or k
     d_sae: Optional[int] = None
     expansion: Optional[float] = 8.0  # d_sae = expansion * d_in when d_sae is not given
     sparsity_coeff: float = 1e-3  # lambda for relu/gated
     k: Optional[int] = None  # topk, gradient_topk
-    lr: Optional[float] = None
+    lr: Optional[float] = None  # overrides train.lr
+    adam_betas: Optional[tuple[float, float]] = None  # overrides train.adam_betas
+    resample: Optional[bool] = None  # dead-latent resampling (relu/gated); None = train.resample
     options: dict = field(default_factory=dict)  # architecture switches, e.g. {tied = false} or {beta = 1e5}
+
+    def __post_init__(self):
+        if self.d_sae is not None and self.d_sae < 1:
+            raise ConfigError(f"sae.d_sae: must be positive, got {self.d_sae}")
+        if self.d_sae is None and (self.expansion is None or self.expansion <= 0):
+            raise ConfigError(f"sae.expansion: must be positive when d_sae is not given, got {self.expansion}")
+        if self.sparsity_coeff < 0:
+            raise ConfigError(f"sae.sparsity_coeff: must be non-negative, got {self.sparsity_coeff}")
+        if self.architecture in ("topk", "gradient_topk") and self.k is None:
+            raise ConfigError(f"sae.k: required for architecture {self.architecture!r}")
+        if self.k is not None and self.k < 1:
+            raise ConfigError(f"sae.k: must be positive, got {self.k}")
+        if self.lr is not None and self.lr <= 0:
+            raise ConfigError(f"sae.lr: must be positive, got {self.lr}")
+        if self.adam_betas is not None and (
+            len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas)
+        ):
+            raise ConfigError(f"sae.adam_betas: must be two numbers in [0, 1), got {list(self.adam_betas)}")
+        if self.name is not None and (not self.name or "/" in self.name or self.name.startswith(".")):
+            raise ConfigError(f"sae.name: must be a plain directory name, got {self.name!r}")
 
 
 @dataclass
@@ -173,22 +195,49 @@ class TrainConfig:
     tokens: int = 2_000_000
     batch_size: int = 4096
     lr: float = 3e-4
-    adam_betas: tuple[float, float] = (0.0, 0.999)
+    # None = per architecture: (0, 0.999) for relu/gated (paper A), (0.9, 0.999) for topk/gradient_topk (Gao et al.)
+    adam_betas: Optional[tuple[float, float]] = None
     lr_warmup_steps: int = 100
     lr_decay: Literal["none", "linear", "cosine"] = "none"
-    lr_decay_start_frac: float = 0.8
-    sparsity_warmup_steps: int = 0
+    lr_decay_start_frac: float = 0.8  # decay to 0 over the last (1 - frac) of the steps
+    sparsity_warmup_steps: int = 0  # lambda rises linearly from 0 over this many steps
     autocast_bf16: bool = False
     seed: int = 0
+    device: Optional[str] = None  # where the SAEs train; None = model.device
     out_dir: str = "runs/default"
-    checkpoint_every: int = 1000
+    checkpoint_every: int = 1000  # steps; a final checkpoint is always written
+    keep_checkpoints: int = 2
     log_every: int = 20
     tensorboard: bool = True
     wandb_project: Optional[str] = None
+    resample: bool = True  # dead-latent resampling for relu/gated (METHODS.md)
     resample_every: int = 2500
     resample_until: int = 10000  # no resampling after this step
-    dead_window_steps: int = 2500
-    aux_k_dead_tokens: int = 10_000_000
+    dead_window_steps: int = 2500  # resampling: dead = no firing in this many steps
+    resample_sample_tokens: int = 65536  # inputs drawn (loss^2-weighted) from this many fresh tokens
+    resample_lr_drop: float = 0.1  # paper A: LR to 0.1x after a resample ...
+    resample_lr_warmup_steps: int = 1000  # ... and back to 1x on a cosine over this many steps
+    aux_k_dead_tokens: int = 10_000_000  # AuxK (topk/gradient_topk): dead = no firing in this many tokens
+
+    def __post_init__(self):
+        positive = ("tokens", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every", "resample_every",
+                    "dead_window_steps", "resample_sample_tokens", "aux_k_dead_tokens")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}: must be positive, got {getattr(self, name)}")
+        for name in ("lr_warmup_steps", "sparsity_warmup_steps", "resample_until", "resample_lr_warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name}: must be non-negative, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr: must be positive, got {self.lr}")
+        if self.adam_betas is not None and (
+            len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas)
+        ):
+            raise ConfigError(f"train.adam_betas: must be two numbers in [0, 1), got {list(self.adam_betas)}")
+        if not 0.0 <= self.lr_decay_start_frac <= 1.0:
+            raise ConfigError(f"train.lr_decay_start_frac: must lie in [0, 1], got {self.lr_decay_start_frac}")
+        if not 0.0 < self.resample_lr_drop <= 1.0:
+            raise ConfigError(f"train.resample_lr_drop: must lie in (0, 1], got {self.resample_lr_drop}")
 
 
 @dataclass

@@ -1,0 +1,260 @@
+"""The on-disk activation cache: safetensors shards plus a manifest.
+
+A cache is a directory holding `shard_NNNNN.safetensors` files (tensor `x` [n, d_in], and `grad` [n, d_in] when
+harvested with gradients, in float32, bfloat16 or float16) and `manifest.json`:
+
+    {"format": "saeforge-activation-cache", "version": 1, "model": ..., "model_spec": ..., "site": ...,
+     "dtype": "bfloat16", "d_in": 640, "tokens": N, "scale": c, "context_len": 128, "keep_bos": false,
+     "grad": false, "source": ..., "split": "train", "shards": [{"file": ..., "tokens": n, "sha256": ...}, ...]}
+
+Every file is written under a temporary name and renamed into place, and the manifest is written last, after all
+its shards; an existing manifest is removed before a new harvest starts. So a killed harvest leaves no manifest, never
+one pointing at partial shards. Reading refuses, by name, a shard that fails its sha256, a missing or truncated
+shard, a shard whose dtype or shape differs from the manifest, and a manifest for another model, site or split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Any, Iterable, Optional, Union
+
+import torch
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+
+MANIFEST = "manifest.json"
+CACHE_FORMAT = "saeforge-activation-cache"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_SAFETENSORS_DTYPE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+
+
+class CacheError(ValueError):
+    """An activation cache is incomplete, corrupt, or not the one expected."""
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class CacheWriter:
+    """Accumulates activation rows and writes them as fixed-size shards; `finish` writes the manifest."""
+
+    def __init__(self, out_dir: Union[str, Path], *, dtype: str, shard_tokens: int, grad: bool):
+        if dtype not in DTYPES:
+            raise ValueError(f"cache dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        if shard_tokens < 1:
+            raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
+        self.dir = Path(out_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dtype, self.shard_tokens, self.grad = dtype, shard_tokens, grad
+        self._remove_previous_cache()
+        self.shards: list[dict] = []
+        self.tokens = 0
+        self._pending: list[tuple[torch.Tensor, Optional[torch.Tensor]]] = []
+        self._pending_tokens = 0
+
+    def _remove_previous_cache(self) -> None:
+        # The old manifest goes first, so there is never a manifest naming shards this harvest overwrites.
+        manifest = self.dir / MANIFEST
+        if manifest.exists():
+            manifest.unlink()
+        for old in self.dir.glob("shard_*.safetensors*"):
+            old.unlink()
+
+    def add(self, x: torch.Tensor, grad: Optional[torch.Tensor] = None) -> None:
+        if self.grad and grad is None:
+            raise ValueError("this cache stores gradients: pass grad with every batch")
+        self._pending.append((x.detach().cpu(), grad.detach().cpu() if self.grad else None))
+        self._pending_tokens += x.shape[0]
+        while self._pending_tokens >= self.shard_tokens:
+            self._flush(self.shard_tokens)
+
+    def _flush(self, n: int) -> None:
+        x = torch.cat([p[0] for p in self._pending])
+        g = torch.cat([p[1] for p in self._pending]) if self.grad else None
+        rest_x, rest_g = x[n:], (g[n:] if g is not None else None)
+        self._pending = [(rest_x, rest_g)] if rest_x.shape[0] else []
+        self._pending_tokens = rest_x.shape[0]
+        tensors = {"x": x[:n].to(DTYPES[self.dtype]).contiguous()}
+        if g is not None:
+            tensors["grad"] = g[:n].to(DTYPES[self.dtype]).contiguous()
+        data = save_safetensors_bytes(tensors)
+        name = f"shard_{len(self.shards):05d}.safetensors"
+        _write_atomic(self.dir / name, data)
+        self.shards.append({"file": name, "tokens": n, "sha256": hashlib.sha256(data).hexdigest()})
+        self.tokens += n
+
+    def finish(self, **metadata: Any) -> dict:
+        """Write what is left as a last shard, then the manifest (atomically); return the manifest."""
+        if self._pending_tokens:
+            self._flush(self._pending_tokens)
+        if not self.shards:
+            raise ValueError("no activations were written: the text source produced no tokens")
+        manifest = {
+            "format": CACHE_FORMAT, "version": 1, **metadata, "dtype": self.dtype, "grad": self.grad,
+            "tokens": self.tokens, "shards": self.shards,
+        }
+        _write_atomic(self.dir / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+        return manifest
+
+
+def _read_header(path: Path) -> tuple[dict, int]:
+    """The safetensors header of `path` and the file size it implies."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CacheError(f"shard {path.name} is truncated ({len(head)} bytes, not even a safetensors header)")
+        (header_len,) = struct.unpack("<Q", head)
+        raw = f.read(header_len)
+    if len(raw) < header_len:
+        raise CacheError(f"shard {path.name} is truncated inside its safetensors header")
+    try:
+        header = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise CacheError(f"shard {path.name} is not a safetensors file (unreadable header)") from e
+    data_end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    return header, 8 + header_len + data_end
+
+
+class ActivationCache:
+    """A harvested cache directory, checked against its manifest and against what the caller expects.
+
+    model: an expected model name, or several accepted names (matched against the manifest's `model` and
+    `model_spec`); site, split, dtype, keep_bos: expected values; grad=True requires stored gradients.
+    Shards are checked for presence, size, dtype and shape on open; their sha256 is checked when they are read.
+    """
+
+    def __init__(
+        self,
+        directory: Union[str, Path],
+        *,
+        model: Union[str, Iterable[str], None] = None,
+        site: Optional[str] = None,
+        split: Optional[str] = None,
+        dtype: Optional[str] = None,
+        keep_bos: Optional[bool] = None,
+        grad: bool = False,
+    ):
+        self.dir = Path(directory)
+        path = self.dir / MANIFEST
+        if not path.exists():
+            raise CacheError(f"{self.dir} has no {MANIFEST}: not an activation cache, or its harvest did not finish")
+        try:
+            self.manifest = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise CacheError(f"{path} is not valid JSON: {e}") from e
+        if self.manifest.get("format") != CACHE_FORMAT:
+            raise CacheError(f"{path} is not a saeforge activation cache manifest")
+        self._check_expected(model, site, split, dtype, keep_bos, grad)
+        for shard in self.manifest["shards"]:
+            self._check_shard_file(shard)
+
+    def _check_expected(self, model, site, split, dtype, keep_bos, grad) -> None:
+        m = self.manifest
+        if model is not None:
+            accepted = {model} if isinstance(model, str) else set(model)
+            recorded = {m.get("model"), m.get("model_spec")} - {None}
+            if not accepted & recorded:
+                raise CacheError(
+                    f"cache {self.dir} was harvested from model {m.get('model')!r}, not {sorted(accepted)}"
+                )
+        for key, want in (("site", site), ("split", split), ("dtype", dtype), ("keep_bos", keep_bos)):
+            if want is not None and m.get(key) != want:
+                raise CacheError(f"cache {self.dir} has {key} {m.get(key)!r}, but {want!r} was expected")
+        if grad and not m.get("grad"):
+            raise CacheError(f"cache {self.dir} holds no gradients; harvest it with grad=True")
+        if m.get("dtype") not in DTYPES:
+            raise CacheError(f"cache {self.dir}: unknown dtype {m.get('dtype')!r} in manifest")
+
+    def _check_shard_file(self, shard: dict) -> None:
+        path = self.dir / shard["file"]
+        if not path.exists():
+            raise CacheError(f"shard {shard['file']} listed in {self.dir / MANIFEST} is missing")
+        header, expected_size = _read_header(path)
+        size = path.stat().st_size
+        if size < expected_size:
+            raise CacheError(f"shard {shard['file']} is truncated: {size} bytes, its header needs {expected_size}")
+        names = ["x", "grad"] if self.manifest.get("grad") else ["x"]
+        for name in names:
+            if name not in header:
+                raise CacheError(f"shard {shard['file']} has no tensor {name!r}")
+            info = header[name]
+            want = _SAFETENSORS_DTYPE[self.manifest["dtype"]]
+            if info["dtype"] != want:
+                raise CacheError(
+                    f"shard {shard['file']} stores {name!r} as {info['dtype']}, but the manifest says "
+                    f"{self.manifest['dtype']} ({want})"
+                )
+            if info["shape"] != [shard["tokens"], self.d_in]:
+                raise CacheError(
+                    f"shard {shard['file']} has {name!r} of shape {info['shape']}, manifest says "
+                    f"[{shard['tokens']}, {self.d_in}]"
+                )
+
+    @property
+    def shards(self) -> list[dict]:
+        return self.manifest["shards"]
+
+    @property
+    def scale(self) -> float:
+        return float(self.manifest["scale"])
+
+    @property
+    def d_in(self) -> int:
+        return int(self.manifest["d_in"])
+
+    @property
+    def tokens(self) -> int:
+        return int(self.manifest["tokens"])
+
+    @property
+    def has_grad(self) -> bool:
+        return bool(self.manifest.get("grad"))
+
+    def load_shard(self, index: int) -> dict[str, torch.Tensor]:
+        """Read shard `index` after checking its sha256; tensors keep the cache dtype."""
+        shard = self.shards[index]
+        data = (self.dir / shard["file"]).read_bytes()
+        if hashlib.sha256(data).hexdigest() != shard["sha256"]:
+            raise CacheError(f"shard {shard['file']} fails its sha256 checksum: the file is corrupt or was modified")
+        return load_safetensors_bytes(data)
+
+
+class CacheBlocks:
+    """Stream blocks read from a cache: shards in a seeded random order, `buffer_tokens` worth per block; each rank
+    takes every world_size-th row of a block (disjoint, balanced shares)."""
+
+    def __init__(self, cache: ActivationCache, *, buffer_tokens: int, seed: int, rank: int, world_size: int,
+                 grad: bool):
+        self.cache, self.rank, self.world_size, self.grad = cache, rank, world_size, grad
+        self.d_in = cache.d_in
+        largest = max(s["tokens"] for s in cache.shards)
+        self.shards_per_block = max(1, buffer_tokens // largest)
+        generator = torch.Generator().manual_seed(seed)
+        self.order = torch.randperm(len(cache.shards), generator=generator).tolist()
+        self.fingerprint = {
+            "kind": "cache", "shards": hashlib.sha256("".join(s["sha256"] for s in cache.shards).encode()).hexdigest(),
+            "site": cache.manifest.get("site"), "buffer_tokens": buffer_tokens, "seed": seed, "rank": rank,
+            "world_size": world_size, "grad": grad,
+        }
+
+    def load(self, index):
+        picked = self.order[index * self.shards_per_block : (index + 1) * self.shards_per_block]
+        if not picked:
+            return None
+        shards = [self.cache.load_shard(i) for i in picked]
+        x = torch.cat([s["x"] for s in shards])[self.rank :: self.world_size]
+        g = torch.cat([s["grad"] for s in shards])[self.rank :: self.world_size] if self.grad else None
+        return x, g
+
+    def estimate_scale(self) -> float:
+        return self.cache.scale

@@ -1,0 +1,203 @@
+"""Evaluate SAEs spliced into their language model on held-out tokens (METHODS.md, "Metrics").
+
+Batches are the outer loop and SAEs the inner one: per batch the clean forward (site activations and clean logits
+for the KL) runs once and is shared by every SAE; the clean and ablated CE come from `baseline_losses`, computed once
+per (model, site, tokens) and cached. SAEs saved by the trainer work on raw activations, which is what they get.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Iterable, Union
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from saeforge.config import EvalConfig
+from saeforge.evaluation.analysis import (
+    DirectionalDerivatives,
+    covariance_matched_directions,
+    decoder_max_cosine,
+    isotropic_directions,
+)
+from saeforge.evaluation.ito import GradientPursuitSAE
+from saeforge.evaluation.metrics import (
+    COSINE_EDGES,
+    FiringStats,
+    LossStats,
+    ReconstructionStats,
+    histogram,
+    loss_added,
+    loss_recovered,
+)
+from saeforge.evaluation.splice import baseline_losses, kl_to_clean, next_token_ce, recorder, replace_at, splice_mask
+from saeforge.evaluation.steering import steering_effects
+
+# Directions per set for the directional-derivative analysis (random sets, and decoder rows sampled when wider).
+N_DIRECTIONS = 4096
+
+
+def _load(entry, index: int):
+    """An SAE object or a saved SAE directory -> (sae, name, path or None)."""
+    if isinstance(entry, (str, Path)):
+        from saeforge.saes import load_sae
+
+        path = Path(entry)
+        if not path.is_dir():
+            raise FileNotFoundError(f"SAE directory not found: {path}")
+        return load_sae(path), path.name, str(path)
+    name = (getattr(entry, "cfg", None) or {}).get("name") or f"{entry.architecture}_{index}"
+    return entry, name, None
+
+
+def _as_batches(contexts, batch_size: int, device) -> list[Tensor]:
+    if isinstance(contexts, Tensor):
+        contexts = contexts if contexts.ndim == 2 else contexts[None]
+    else:
+        contexts = torch.cat([c if c.ndim == 2 else c[None] for c in contexts])
+    if contexts.ndim != 2 or contexts.shape[0] == 0 or contexts.shape[1] < 2:
+        raise ValueError(f"contexts must be token ids [n_contexts, context_len >= 2]; got {tuple(contexts.shape)}")
+    contexts = contexts.to(device=device, dtype=torch.long)
+    return list(contexts.split(batch_size))
+
+
+def _describe(sae, name: str, path, lm, site: str) -> dict:
+    cfg = getattr(sae, "cfg", None) or {}
+    row = {"name": name, "path": path, "architecture": sae.architecture, "model": lm.name, "site": site,
+           "d_in": sae.d_in, "d_sae": sae.d_sae}
+    k = getattr(sae, "k", None)
+    if isinstance(sae, GradientPursuitSAE):
+        row["ito_k"] = k
+        k = getattr(sae.sae, "k", None)
+    row["k"] = k
+    row["sparsity_coeff"] = cfg.get("sparsity_coeff")
+    return row
+
+
+def evaluate_saes(lm, saes: Iterable[Union[str, Path, torch.nn.Module]], site: str, contexts,
+                  cfg: EvalConfig | None = None, *, keep_bos: bool = False, seed: int = 0,
+                  progress: bool = True, **options) -> list[dict]:
+    """Evaluate each SAE spliced into `lm` at `site` on `contexts` (token ids [n, context_len]).
+
+    `cfg` (or keyword `options` naming EvalConfig fields) chooses ablations, ITO targets, steering and analyses.
+    Returns one dict per SAE (then one per SAE and ITO target), JSON-ready; the keys are listed in the README of
+    this package (commands.py `eval_command` writes them to eval.json)."""
+    cfg = cfg or EvalConfig()
+    if options:
+        valid = {f.name for f in dataclasses.fields(EvalConfig)}
+        unknown = sorted(set(options) - valid)
+        if unknown:
+            raise ValueError(f"evaluate_saes: unknown option {unknown[0]!r}; valid options are {sorted(valid)}")
+        cfg = dataclasses.replace(cfg, **options)
+    d_site = lm.site_dim(site)
+
+    loaded = [_load(entry, i) for i, entry in enumerate(saes)]
+    if not loaded:
+        raise ValueError("evaluate_saes: no SAEs given")
+    for sae, name, _ in loaded:
+        if sae.d_in != d_site:
+            raise ValueError(f"SAE {name!r} has d_in={sae.d_in} but site {site!r} of {lm.name} has d={d_site}")
+        sae.to(lm.device).eval()
+    entries = [(sae, name, path) for sae, name, path in loaded]
+    entries += [(GradientPursuitSAE(sae, k), f"{name}@ito{k}", path) for sae, name, path in loaded for k in cfg.ito]
+
+    batches = _as_batches(contexts, cfg.batch_size, lm.device)
+    bar = tqdm(total=len(batches) * (1 + len(cfg.ablation)), desc="eval: clean and ablated loss",
+               disable=not progress, file=sys.stderr)
+    base = baseline_losses(lm, site, batches, keep_bos=keep_bos, ablations=tuple(cfg.ablation), progress=bar)
+    bar.close()
+
+    gen = torch.Generator().manual_seed(seed)
+    recon = [ReconstructionStats() for _ in entries]
+    firing = [FiringStats(sae.d_sae) for sae, _, _ in entries]
+    losses = [LossStats() for _ in entries]
+    analyse = cfg.analyses and cfg.analysis_batches > 0
+    if analyse:
+        d = d_site
+        reference = {"random": DirectionalDerivatives(isotropic_directions(N_DIRECTIONS, d, gen)),
+                     "covariance_matched": DirectionalDerivatives(covariance_matched_directions(base.cov_act, N_DIRECTIONS, gen))}
+        along_decoder = []
+        for sae, _, _ in loaded:
+            rows = torch.randperm(sae.d_sae, generator=gen)[:N_DIRECTIONS].sort().values
+            W = sae.W_dec.detach()[rows.to(sae.W_dec.device)].float().cpu()
+            along_decoder.append(DirectionalDerivatives(W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)))
+    any_needs_grad = any(getattr(sae, "needs_grad", False) for sae, _, _ in entries)
+
+    for bi, tokens in enumerate(tqdm(batches, desc=f"eval: {len(entries)} SAE(s)", disable=not progress,
+                                     file=sys.stderr)):
+        mask = splice_mask(lm, tokens, keep_bos)
+        grads = None
+        if any_needs_grad or (analyse and bi < cfg.analysis_batches):
+            _, g = lm.capture(tokens, [site], grad=True)
+            grads = g[site][mask].float()
+        with torch.no_grad():
+            store: dict = {}
+            clean_logits = lm.forward(tokens, edits={site: recorder(store)})
+            if analyse and bi < cfg.analysis_batches:
+                g_cpu = grads.cpu()
+                for dd in list(reference.values()) + along_decoder:
+                    dd.update(g_cpu)
+            for j, (sae, _, _) in enumerate(entries):
+
+                def reconstruct(x: Tensor, j=j, sae=sae) -> Tensor:
+                    x = x.float()
+                    f = sae.encode(x, grad=grads) if getattr(sae, "needs_grad", False) else sae.encode(x)
+                    x_hat = sae.decode(f)
+                    recon[j].update(x, x_hat)
+                    firing[j].update(f)
+                    return x_hat
+
+                logits = lm.forward(tokens, edits={site: replace_at(mask, reconstruct)})
+                losses[j].update(next_token_ce(logits, tokens), kl_to_clean(logits, clean_logits))
+                del logits
+            del clean_logits
+
+    results = []
+    for j, (sae, name, path) in enumerate(entries):
+        row = _describe(sae, name, path, lm, site)
+        ce = losses[j].ce
+        row.update({
+            "eval_contexts": sum(b.shape[0] for b in batches),
+            "eval_tokens": firing[j].n,
+            "ce_clean": base.ce_clean,
+            "ce_spliced": ce,
+            "kl_div": losses[j].kl,
+            "l_added": loss_added(base.ce_clean, ce),
+        })
+        for kind, ce_ablated in base.ce_ablated.items():
+            row[f"ce_{kind}_ablation"] = ce_ablated
+            row[f"loss_recovered_{kind}"] = loss_recovered(base.ce_clean, ce, ce_ablated)
+        row.update(recon[j].result())
+        row.update(firing[j].result(cfg.dense_threshold))
+        if analyse and j < len(loaded):
+            max_cos = decoder_max_cosine(sae.W_dec.detach())
+            row["decoder_max_cos"] = {"mean": float(max_cos.mean()), "median": float(max_cos.median()),
+                                      **histogram(max_cos, COSINE_EDGES)}
+            row["directional_derivative"] = {
+                "decoder": along_decoder[j].result(),
+                **{kind: dd.result() for kind, dd in reference.items()},
+                "tokens": along_decoder[j].tokens,
+            }
+        if cfg.steering and j < len(loaded):
+            row["steering"] = _steer(lm, sae, site, batches, firing[j], base, cfg, keep_bos, gen)
+        results.append(row)
+    return results
+
+
+def _steer(lm, sae, site, batches, firing: FiringStats, base, cfg: EvalConfig, keep_bos: bool, gen) -> dict:
+    """Paper B §4.2 on a seeded sample of the latents alive on the evaluation set."""
+    alive = torch.nonzero(firing.frequencies() > 0).flatten()
+    if alive.numel() == 0:
+        return {"error": "no latent fired on the evaluation tokens"}
+    pick = alive[torch.randperm(alive.numel(), generator=gen)[: cfg.steering_latents]].sort().values
+    contexts = torch.cat(batches)[: cfg.steering_contexts]
+    alpha = cfg.steering_alpha if cfg.steering_alpha is not None else base.mean_norm
+    try:
+        return steering_effects(lm, sae.W_dec.detach(), site, contexts, pick.tolist(), alpha=alpha,
+                                top_tokens=cfg.steering_top_tokens, keep_bos=keep_bos, batch_size=cfg.batch_size)
+    except ValueError as e:  # a site outside the residual stream has no unembedding to steer through
+        return {"error": str(e)}
+

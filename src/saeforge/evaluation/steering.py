@@ -1,0 +1,63 @@
+"""Steering with single latents (paper B §4.2).
+
+For latent i with decoder row d_i: L = the n tokens with the largest entries of W_U^T d_i. Add alpha * d_i / ||d_i||
+to the site activation (at every spliced position) and measure, averaged over positions,
+  on_target        = sum_{j in L} (p_steered_j - p_j)
+  off_target       = sum_{j not in L} (p_steered_j - p_j)        (= -on_target, since probabilities sum to 1)
+  off_target_added = sum_{j not in L} max(p_steered_j - p_j, 0)  (probability added to all other tokens, the
+                     non-trivial specificity measure paper B plots: "lower is better")
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from saeforge.evaluation.splice import replace_at, splice_mask
+
+
+@torch.no_grad()
+def steering_effects(lm, W_dec: Tensor, site: str, contexts: Tensor, latents: list[int], *, alpha: float,
+                     top_tokens: int = 10, keep_bos: bool = False, batch_size: int = 4) -> dict:
+    """Per-latent and averaged probability changes; W_dec [M, d_model] must live in the residual space."""
+    W_U = lm.unembed()
+    if W_dec.shape[1] != W_U.shape[0]:
+        raise ValueError(
+            f"steering needs a site in the residual stream (d_model={W_U.shape[0]}); this SAE's d_in is "
+            f"{W_dec.shape[1]} at {site!r}"
+        )
+    directions = W_dec[latents].float()
+    directions = directions / directions.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    targets = (directions.to(W_U.device) @ W_U.float()).topk(top_tokens, dim=1).indices  # [n_latents, n]
+    on = torch.zeros(len(latents), dtype=torch.float64)
+    off = torch.zeros(len(latents), dtype=torch.float64)
+    off_added = torch.zeros(len(latents), dtype=torch.float64)
+    n_positions = 0
+    for start in range(0, contexts.shape[0], batch_size):
+        tokens = contexts[start : start + batch_size]
+        mask = splice_mask(lm, tokens, keep_bos)
+        p_clean = torch.softmax(lm.forward(tokens)[mask].float(), dim=-1)
+        n_positions += p_clean.shape[0]
+        for j, direction in enumerate(directions):
+            shift = alpha * direction
+            edit = replace_at(mask, lambda a, s=shift: a + s.to(device=a.device, dtype=a.dtype))
+            delta = torch.softmax(lm.forward(tokens, edits={site: edit})[mask].float(), dim=-1) - p_clean
+            on_target = delta[:, targets[j].to(delta.device)]
+            on[j] += float(on_target.double().sum())
+            off[j] += float(delta.double().sum() - on_target.double().sum())
+            off_added[j] += float(delta.clamp_min(0).double().sum() - on_target.clamp_min(0).double().sum())
+    on, off, off_added = on / n_positions, off / n_positions, off_added / n_positions
+    per_latent = [
+        {"latent": int(i), "tokens": [int(t) for t in targets[j]], "on_target": float(on[j]),
+         "off_target": float(off[j]), "off_target_added": float(off_added[j])}
+        for j, i in enumerate(latents)
+    ]
+    return {
+        "alpha": float(alpha),
+        "top_tokens": top_tokens,
+        "positions": n_positions,
+        "mean_on_target": float(on.mean()),
+        "mean_off_target": float(off.mean()),
+        "mean_off_target_added": float(off_added.mean()),
+        "latents": per_latent,
+    }

@@ -102,9 +102,13 @@ def save_checkpoint(root: Path, step: int, state: dict, *, keep: int = 2) -> Pat
         os.fsync(f.fileno())
     _write_json(tmp / STATE, {"step": step, "state": tree})
     _fsync_dir(tmp)
-    if final.exists():  # the same step written again (e.g. the final checkpoint at a periodic step)
-        shutil.rmtree(final)
+    old = None
+    if final.exists():  # the same step written again (a resumed run that had already finished)
+        old = root / f".tmp-old-{step_dir_name(step)}-{os.getpid()}"
+        os.replace(final, old)
     os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old)
     pointer_tmp = root / f".{LATEST}.tmp-{os.getpid()}"
     pointer_tmp.write_text(final.name + "\n")
     with open(pointer_tmp, "rb") as f:

@@ -1,0 +1,88 @@
+"""Dead latents: firing trackers, and resampling for ReLU and Gated SAEs (METHODS.md, after Anthropic 2023).
+
+Resampling: latents that did not fire in the window are dead. Compute each input's reconstruction loss on a sample
+of fresh inputs; draw inputs with probability proportional to loss^2; each dead latent gets one drawn input as its
+new decoder row (normalised) and, scaled by 0.2 x the mean live encoder norm, as its encoder row; its biases become
+0 (`SAE.resample_latents`), and the Adam moments of its rows are reset. The learning-rate drop that paper A adds
+after each resample lives in `schedules.LRSchedule`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from saeforge.training.optim import ConstrainedAdam
+
+
+class FiringTracker:
+    """Per-latent firing counts and the token count at which each latent last fired.
+
+    Both are sums / maxima over tokens, so under data parallelism they reduce across ranks (counts: sum;
+    last_fired: max) without changing meaning.
+    """
+
+    def __init__(self, d_sae: int, device: torch.device):
+        self.counts = torch.zeros(d_sae, dtype=torch.int64, device=device)
+        self.last_fired = torch.zeros(d_sae, dtype=torch.int64, device=device)
+
+    @torch.no_grad()
+    def update(self, feats: torch.Tensor, tokens_after: int) -> torch.Tensor:
+        """Record a batch of feature activations [batch, d_sae]; returns the batch's L0 (a 0-dim tensor)."""
+        fired = (feats != 0).sum(0)
+        self.counts += fired
+        self.last_fired.masked_fill_(fired > 0, tokens_after)
+        return fired.sum() / feats.shape[0]
+
+    def dead_mask(self, tokens: int, window_tokens: int, *, strict: bool = True) -> torch.Tensor:
+        """Latents with no firing in the last `window_tokens` tokens. Not strict: when fewer tokens than the window
+        have been seen, "never fired so far" counts as dead (for reporting)."""
+        window = window_tokens if strict else min(window_tokens, max(tokens, 1))
+        return (tokens - self.last_fired) >= window
+
+    def revive(self, idx: torch.Tensor, tokens: int) -> None:
+        """Resampled latents start a fresh window."""
+        self.last_fired[idx] = tokens
+
+    def state_dict(self) -> dict:
+        return {"counts": self.counts, "last_fired": self.last_fired}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.counts.copy_(state["counts"])
+        self.last_fired.copy_(state["last_fired"])
+
+
+@torch.no_grad()
+def per_token_loss(sae, inputs: torch.Tensor, chunk: int) -> torch.Tensor:
+    """||x - x_hat||^2 for every input row, in chunks (float32)."""
+    out = []
+    for start in range(0, inputs.shape[0], chunk):
+        x = inputs[start : start + chunk]
+        out.append((x.float() - sae(x).float()).pow(2).sum(-1))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def resample_dead_latents(
+    sae,
+    optimizer: ConstrainedAdam,
+    dead: torch.Tensor,
+    inputs: torch.Tensor,
+    generator: torch.Generator,
+    *,
+    chunk: int = 4096,
+) -> torch.Tensor:
+    """Resample the latents where `dead` [d_sae] is True from `inputs` [n, d_in]; returns their indices."""
+    idx = dead.nonzero().squeeze(1)
+    if idx.numel() == 0 or inputs.shape[0] == 0:
+        return idx[:0]
+    weights = per_token_loss(sae, inputs, chunk).pow(2).double().cpu()  # probability ~ loss^2
+    if not torch.isfinite(weights).all() or weights.sum() <= 0:
+        weights = torch.ones_like(weights)  # a perfect (or broken) reconstruction: draw uniformly
+    replacement = idx.numel() > int((weights > 0).sum())
+    drawn = torch.multinomial(weights, idx.numel(), replacement=replacement, generator=generator)
+    sae.resample_latents(idx, inputs[drawn.to(inputs.device)])
+    params = dict(sae.named_parameters())
+    for name, dim in sae.latent_params().items():
+        if name in params:
+            optimizer.reset_rows(params[name], idx, dim)
+    return idx

@@ -1,0 +1,372 @@
+"""The trainer: many SAEs from one activation stream, with checkpoints that resume exactly.
+
+Every batch of the stream goes to every SAE (each with its own optimizer, schedules and dead-latent state), so a
+sweep over architectures and sparsity settings costs one pass over the data. The stream yields raw activations;
+the SAEs train on c * x (c = the stream's activation scale, E||c x||^2 = d_in) and are saved with c folded in.
+
+Data parallelism (torchrun) drops in at three places: the stream reads its rank's share (`rank`, `world_size`),
+`SAERun.step` all-reduces gradients before the optimizer step, and the firing trackers reduce across ranks before
+resampling. Only rank 0 would write checkpoints, logs and SAEs.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import shutil
+import sys
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from saeforge.config import ConfigError, RunConfig, SAESpec, load_config, to_dict
+from saeforge.saes import create_sae
+from saeforge.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from saeforge.training.monitor import Monitor, summary_table
+from saeforge.training.sae_run import DEFAULT_BETAS, SAERun
+
+TRAINABLE = ("relu", "gated", "topk", "gradient_topk")
+CHECKPOINT_FORMAT = 1
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss, bad data, a checkpoint that does not fit the config)."""
+
+
+@dataclass
+class TrainResult:
+    sae_dirs: dict[str, Path]  # name -> saved SAE directory (scale folded in, works on raw activations)
+    tokens_seen: int  # tokens trained on
+    steps: int
+    data_exhausted: bool = False  # the stream ran out before train.tokens
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # name -> last logged metrics
+    resamples: list[dict] = field(default_factory=list)  # {"step", "sae", "n_resampled"} per resampling event
+
+
+def sae_name(spec: SAESpec, d_sae: int) -> str:
+    """The directory name of an SAE: the spec's name, else architecture, width and lambda or k."""
+    if spec.name:
+        return spec.name
+    if spec.architecture in ("topk", "gradient_topk"):
+        return f"{spec.architecture}_w{d_sae}_k{spec.k}"
+    return f"{spec.architecture}_w{d_sae}_l{spec.sparsity_coeff:g}"
+
+
+def sae_width(spec: SAESpec, d_in: int) -> int:
+    return spec.d_sae if spec.d_sae is not None else max(1, round(spec.expansion * d_in))
+
+
+def _seed_for(seed: int, name: str) -> int:
+    """A per-SAE seed that depends only on the run seed and the SAE's name, so an SAE trains the same alone
+    as next to others."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63
+
+
+def _fingerprint(cfg: RunConfig) -> dict:
+    """The parts of a config a resumed run must share with the checkpoint (tokens, logging may change)."""
+    train = {k: v for k, v in to_dict(cfg.train).items()
+             if k not in ("tokens", "checkpoint_every", "keep_checkpoints", "log_every", "tensorboard",
+                          "wandb_project", "out_dir", "device")}
+    return {"model": {"name": cfg.model.name, "site": cfg.model.site}, "data": to_dict(cfg.data),
+            "train": train, "sae": to_dict(cfg.sae)}
+
+
+class Trainer:
+    """Train every SAE of `cfg.sae` on one activation stream.
+
+    lm: an already loaded `saeforge.models.LanguageModel` (else the stream loads cfg.model, or reads the cache).
+    stream: any object with the activation-stream interface (`saeforge.data.open_stream`,
+    `saeforge.training.SyntheticStream`); it must be positioned at its start unless resuming.
+    """
+
+    def __init__(self, cfg: RunConfig, *, lm=None, stream=None, progress: bool = True):
+        self.cfg, self.lm, self.progress = cfg, lm, progress
+        self.out_dir = Path(cfg.train.out_dir)
+        self.checkpoint_dir = self.out_dir / "checkpoints"
+        self.device = torch.device(cfg.train.device or cfg.model.device)
+        self.rank, self.world_size = 0, 1
+        for spec in cfg.sae:
+            if spec.architecture not in TRAINABLE:
+                raise ConfigError(f"sae.architecture: {spec.architecture!r} is not trained directly (trainable: "
+                                  f"{list(TRAINABLE)}); train a gated SAE and convert it with JumpReLUSAE.from_gated")
+            if spec.k is not None and spec.architecture not in ("topk", "gradient_topk"):
+                raise ConfigError(f"sae.k: only topk and gradient_topk take k, not {spec.architecture!r}")
+        if not cfg.sae:
+            raise ConfigError("sae: the run lists no SAEs ([[sae]] tables)")
+        self.total_steps = cfg.train.tokens // cfg.train.batch_size
+        if self.total_steps < 1:
+            raise ConfigError(f"train.tokens: {cfg.train.tokens} is less than one batch ({cfg.train.batch_size})")
+        self.needs_grad = any(spec.architecture == "gradient_topk" for spec in cfg.sae)
+        self.stream = stream
+        self.runs: dict[str, SAERun] = {}
+        self.resamples: list[dict] = []
+        self.step = 0
+
+    # ------------------------------------------------------------------------------------------------ setup
+    def _open_stream(self):
+        if self.stream is None:
+            from saeforge.data import open_stream
+
+            self.stream = open_stream(self.cfg.model, self.cfg.data, self.cfg.train.batch_size, lm=self.lm,
+                                      grad=self.needs_grad, seed=self.cfg.train.seed, rank=self.rank,
+                                      world_size=self.world_size, split="train")
+        self.scale = float(self.stream.scale)
+        if not (math.isfinite(self.scale) and self.scale > 0):
+            raise TrainingError(f"the stream's activation scale is {self.scale}; it must be a positive number")
+        return self.stream
+
+    def _build_runs(self, d_in: int) -> None:
+        train = self.cfg.train
+        for spec in self.cfg.sae:
+            d_sae = sae_width(spec, d_in)
+            name = sae_name(spec, d_sae)
+            if name in self.runs:
+                raise ConfigError(f"sae.name: two SAEs are both called {name!r}; give them distinct names")
+            options = dict(spec.options)
+            if spec.k is not None:
+                options["k"] = spec.k
+            torch.manual_seed(_seed_for(train.seed, name))  # the SAE's initialisation
+            try:
+                sae = create_sae(spec.architecture, d_in=d_in, d_sae=d_sae, **options)
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"sae {name!r}: {e}") from e
+            sae.to(self.device)
+            betas = spec.adam_betas or train.adam_betas or DEFAULT_BETAS[spec.architecture]
+            self.runs[name] = SAERun(
+                name, sae, train, total_steps=self.total_steps, lr=spec.lr or train.lr, betas=tuple(betas),
+                sparsity_coeff=spec.sparsity_coeff if sae.uses_sparsity_coeff else None,
+                resample=train.resample if spec.resample is None else spec.resample,
+                seed=_seed_for(train.seed + 1, name),
+            )
+
+    def _metadata(self) -> dict[str, Any]:
+        model_name = getattr(self.lm, "name", None) or getattr(self.stream, "model_name", None) or self.cfg.model.name
+        return {"model_name": model_name, "hook_name": self.cfg.model.site, "context_size": self.cfg.data.context_len,
+                "dataset": self.cfg.data.cache_dir or self.cfg.data.source, "activation_scale": self.scale}
+
+    # ------------------------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "step": self.step,
+            "config": _fingerprint(self.cfg),
+            "stream": self.stream.state_dict(),
+            "rng": rng,
+            "saes": {name: run.state_dict() for name, run in self.runs.items()},
+            "resamples": self.resamples,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise TrainingError(f"checkpoint format {state.get('format')!r} is not {CHECKPOINT_FORMAT}")
+        mine = json.loads(json.dumps(_fingerprint(self.cfg)))
+        if state["config"] != mine:
+            diff = sorted(k for k in mine if mine[k] != state["config"].get(k))
+            raise TrainingError(f"the checkpoint was written by a run with a different config (sections {diff}); "
+                                "resume with the same config, or start a new out_dir")
+        if set(state["saes"]) != set(self.runs):
+            raise TrainingError(f"the checkpoint holds SAEs {sorted(state['saes'])}, the config {sorted(self.runs)}")
+        self.step = int(state["step"])
+        self.stream.load_state_dict(state["stream"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        for name, run in self.runs.items():
+            run.load_state_dict(state["saes"][name])
+        self.resamples = list(state["resamples"])
+
+    def save_checkpoint(self) -> Path:
+        return save_checkpoint(self.checkpoint_dir, self.step, self.state_dict(), keep=self.cfg.train.keep_checkpoints)
+
+    # ------------------------------------------------------------------------------------------------ training
+    def _prepare(self, resume: bool, overwrite: bool) -> None:
+        existing = latest_checkpoint(self.checkpoint_dir)
+        if existing is not None and not resume:
+            if not overwrite:
+                raise TrainingError(f"{self.out_dir} already holds a checkpoint ({existing.name}); pass resume=True "
+                                    "(--resume) to continue it, or overwrite=True (--overwrite) to start again")
+            shutil.rmtree(self.checkpoint_dir)
+        stream = self._open_stream()
+        self._build_runs(int(stream.d_in))
+        if resume and existing is not None:
+            _, state = load_checkpoint(existing)
+            self.load_state_dict(state)
+            print(f"resuming from {existing} (step {self.step})", file=sys.stderr)
+        elif resume:
+            print(f"no checkpoint under {self.checkpoint_dir}; starting from the beginning", file=sys.stderr)
+
+    def _scaled(self, batch: dict) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        x = batch["x"].to(self.device, torch.float32, non_blocking=True) * self.scale
+        if not torch.isfinite(x).all():
+            n_nan, n_inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
+            raise TrainingError(
+                f"step {self.step + 1}: the activation batch holds {n_nan} NaN and {n_inf} Inf values, so the loss "
+                f"of SAE {next(iter(self.runs))!r} (and every other) would be non-finite; {self._last_good()}")
+        grad = None
+        if self.needs_grad:
+            if "grad" not in batch:
+                raise TrainingError("a gradient_topk SAE needs LM-loss gradients, but the stream yields no 'grad' "
+                                    "(open it with grad=True, or harvest the cache with gradients)")
+            # d L / d(c x) = (d L / d x) / c
+            grad = batch["grad"].to(self.device, torch.float32, non_blocking=True) / self.scale
+        return x, grad
+
+    def _last_good(self) -> str:
+        last = latest_checkpoint(self.checkpoint_dir)
+        return f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+
+    def _check_losses(self, losses: list[torch.Tensor]) -> None:
+        if bool(torch.isfinite(torch.stack(losses)).all()):
+            return
+        for name, loss in zip(self.runs, losses):
+            if not torch.isfinite(loss):
+                raise TrainingError(f"SAE {name!r}: the loss is {float(loss)} at step {self.step + 1}; "
+                                    f"training stopped ({self._last_good()})")
+
+    def _resample_due(self) -> bool:
+        t = self.cfg.train
+        return (self.step % t.resample_every == 0 and self.step <= t.resample_until
+                and any(run.resample for run in self.runs.values()))
+
+    def _resample(self, batches, monitor: Monitor) -> None:
+        """Draw fresh inputs (consumed from the stream, not trained on) and resample each SAE's dead latents."""
+        t = self.cfg.train
+        inputs = []
+        for _ in range(math.ceil(t.resample_sample_tokens / t.batch_size)):
+            try:
+                inputs.append(self._scaled(next(batches))[0])
+            except StopIteration:
+                break
+        if not inputs:
+            return
+        sample = torch.cat(inputs)
+        tokens = self.step * t.batch_size
+        for name, run in self.runs.items():
+            if run.resample:
+                n = run.resample_now(sample, self.step, tokens)
+                self.resamples.append({"step": self.step, "sae": name, "n_resampled": n})
+                if n:
+                    monitor.event(self.step, f"resampled {n} dead latents of {name}")
+
+    def _log(self, monitor: Monitor) -> dict[str, dict[str, float]]:
+        tokens = self.step * self.cfg.train.batch_size
+        metrics = {name: run.take_metrics(self.step, tokens) for name, run in self.runs.items()}
+        monitor.log(self.step, metrics)
+        return metrics
+
+    def run(self, resume: bool = False, *, overwrite: bool = False) -> TrainResult:
+        """Train to train.tokens (or until the data runs out); save the SAEs; return where they are."""
+        t = self.cfg.train
+        self._prepare(resume, overwrite)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "run_config.json").write_text(json.dumps(to_dict(self.cfg), indent=1))
+        monitor = Monitor(total_steps=self.total_steps, start_step=self.step, batch_size=t.batch_size,
+                          log_dir=self.out_dir / "tensorboard" if t.tensorboard else None,
+                          wandb_project=t.wandb_project, run_name=self.out_dir.name, config=to_dict(self.cfg),
+                          progress=self.progress)
+        batches = iter(self.stream)
+        exhausted = False
+        metrics: dict[str, dict[str, float]] = {}
+        try:
+            while self.step < self.total_steps:
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    exhausted = True
+                    break
+                x, grad = self._scaled(batch)
+                if self.step == 0:
+                    self._init_b_dec(x)
+                tokens_after = (self.step + 1) * t.batch_size
+                losses = [run.step(x, grad, self.step, tokens_after) for run in self.runs.values()]
+                self._check_losses(losses)
+                self.step += 1
+                monitor.advance()
+                if self._resample_due():
+                    self._resample(batches, monitor)
+                if self.step % t.log_every == 0:
+                    metrics = self._log(monitor)
+                if self.step % t.checkpoint_every == 0 and self.step < self.total_steps:
+                    self.save_checkpoint()
+            if any(run.metric_steps for run in self.runs.values()):
+                metrics = self._log(monitor)
+        finally:
+            monitor.close()
+        checkpoint = self.save_checkpoint()
+        tokens = self.step * t.batch_size
+        if exhausted:
+            print(f"the data ran out after {tokens:,} tokens ({self.step} steps) of the {t.tokens:,} asked for; "
+                  f"final checkpoint {checkpoint}", file=sys.stderr)
+        sae_dirs = self.save_saes()
+        rows = [{"name": name, "architecture": run.sae.architecture, "d_sae": run.sae.d_sae,
+                 "setting": f"k={run.sae.k}" if hasattr(run.sae, "k") else f"{run.sparsity_coeff:g}",
+                 **metrics.get(name, {}), "dead_pct": 100 * metrics.get(name, {}).get("dead_frac", float("nan"))}
+                for name, run in self.runs.items()]
+        if self.progress:
+            print(summary_table(rows), file=sys.stderr)
+        return TrainResult(sae_dirs=sae_dirs, tokens_seen=tokens, steps=self.step, data_exhausted=exhausted,
+                           metrics=metrics, resamples=list(self.resamples))
+
+    @torch.no_grad()
+    def _init_b_dec(self, x: torch.Tensor) -> None:
+        """b_dec starts at the geometric median (or mean) of the first batch, as in Anthropic's and Gao et al.'s
+        recipes; that batch is then trained on as usual."""
+        if self.cfg.train.b_dec_init != "zeros":
+            for run in self.runs.values():
+                run.sae.init_b_dec(x, method=self.cfg.train.b_dec_init)
+
+    def save_saes(self) -> dict[str, Path]:
+        """Each SAE to {out_dir}/{name}/ with the activation scale folded in and its firing counts."""
+        dirs = {}
+        meta = self._metadata()
+        tokens = self.step * self.cfg.train.batch_size
+        for name, run in self.runs.items():
+            sae = copy.deepcopy(run.sae).cpu()
+            sae.fold_activation_scale(self.scale)
+            sae.cfg.update(meta)
+            sae.cfg["training"] = {"tokens": tokens, "steps": self.step, "sparsity_coeff": run.sparsity_coeff,
+                                   "lr": run.lr_schedule.base}
+            dirs[name] = sae.save(self.out_dir / name, sparsity=run.tracker.counts.cpu(), n_tokens=tokens)
+        return dirs
+
+
+def train_command(
+    config: Path,
+    resume: bool = False,
+    overwrite: bool = False,
+    out_dir: Optional[str] = None,
+    tokens: Optional[int] = None,
+    device: Optional[str] = None,
+    progress: bool = True,
+) -> None:
+    """Train the SAEs of a TOML run file on one activation stream.
+
+    Args:
+        config: the run file ([model], [data], [train], [[sae]] tables).
+        resume: continue from the newest checkpoint under the run's out_dir.
+        overwrite: start again even though out_dir holds a checkpoint.
+        out_dir: overrides train.out_dir.
+        tokens: overrides train.tokens.
+        device: overrides train.device (where the SAEs train).
+        progress: show the progress bar and the summary table.
+    """
+    try:
+        cfg = load_config(config)
+        overrides = {k: v for k, v in (("out_dir", out_dir), ("tokens", tokens), ("device", device)) if v is not None}
+        if overrides:
+            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **overrides))
+        result = Trainer(cfg, progress=progress).run(resume=resume, overwrite=overwrite)
+    except (ConfigError, TrainingError) as e:
+        print(f"saeforge train: error: {e}", file=sys.stderr)
+        raise SystemExit(2 if isinstance(e, ConfigError) else 1) from None
+    print(f"trained {result.steps} steps ({result.tokens_seen:,} tokens); SAEs:")
+    for name, path in result.sae_dirs.items():
+        print(f"  {name}: {path}")

@@ -1,1 +1,6 @@
-"""evaluation"""
+"""Evaluation of SAEs spliced into their language model: metrics, ITO, steering, paper B's analyses, sweeps."""
+
+from saeforge.evaluation.evaluate import evaluate_saes
+from saeforge.evaluation.ito import GradientPursuitSAE, gradient_pursuit
+
+__all__ = ["evaluate_saes", "gradient_pursuit", "GradientPursuitSAE"]

@@ -16,18 +16,16 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from saeforge.data import training_mask
+
 # Vocabulary-sized float32 copies are made this many positions at a time, to bound memory on large vocabularies.
 _CHUNK_POSITIONS = 256
 
 
 def splice_mask(lm, tokens: Tensor, keep_bos: bool = False) -> Tensor:
-    """bool [B, S]: positions whose site activation an SAE or an ablation replaces."""
-    mask = torch.ones_like(tokens, dtype=torch.bool)
-    if not keep_bos and lm.bos_token_id is not None:
-        mask &= tokens != lm.bos_token_id
-    if lm.pad_token_id is not None and lm.pad_token_id != lm.bos_token_id:
-        mask &= tokens != lm.pad_token_id
-    return mask
+    """bool [B, S]: positions whose site activation an SAE or an ablation replaces: exactly the positions the
+    training stream feeds SAEs (saeforge.data.training_mask: all but BOS and padding unless keep_bos)."""
+    return training_mask(tokens, lm.bos_token_id, lm.pad_token_id, keep_bos)
 
 
 def replace_at(mask: Tensor, fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:

@@ -1,0 +1,117 @@
+"""Splicing into a tiny real model: loss recovered is 1 for an identity "SAE" and 0 for the ablation itself."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from saeforge import create_sae
+from saeforge.evaluation import evaluate_saes
+from saeforge.evaluation.splice import baseline_losses, next_token_ce, splice_mask
+from saeforge.models import tiny_lm
+
+SITE = "blocks.1.resid_post"
+
+
+class LinearDictionary(nn.Module):
+    """A stand-in SAE: f = x @ enc, x_hat = f @ W_dec + b_dec."""
+
+    architecture = "test"
+    needs_grad = False
+
+    def __init__(self, enc: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor):
+        super().__init__()
+        self.enc, self.W_dec, self.b_dec = enc, W_dec, b_dec
+        self.d_in, self.d_sae = W_dec.shape[1], W_dec.shape[0]
+        self.cfg = {}
+
+    def encode(self, x, grad=None):
+        return x @ self.enc.to(x)
+
+    def decode(self, f):
+        return f @ self.W_dec.to(f) + self.b_dec.to(f)
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return tiny_lm("gemma3", seed=0)
+
+
+@pytest.fixture(scope="module")
+def contexts(lm):
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(3, lm.vocab_size, (6, 12), generator=g)
+    tokens[:, 0] = lm.bos_token_id
+    return tokens
+
+
+def test_identity_recovers_all_and_ablations_recover_nothing(lm, contexts):
+    d = lm.site_dim(SITE)
+    eye = torch.eye(d)
+    identity = LinearDictionary(eye, eye, torch.zeros(d))
+    zero = LinearDictionary(torch.zeros(d, d), eye, torch.zeros(d))
+    mean = LinearDictionary(torch.zeros(d, d), eye, torch.zeros(d))
+    base = baseline_losses(lm, SITE, list(contexts.split(4)))
+    mean.b_dec = base.mean_act.clone()
+    rows = evaluate_saes(lm, [identity, zero, mean], SITE, contexts, batch_size=4, analyses=False, progress=False)
+    ident, z, m = rows
+    assert ident["loss_recovered_zero"] == pytest.approx(1.0, abs=1e-6)
+    assert ident["loss_recovered_mean"] == pytest.approx(1.0, abs=1e-6)
+    assert ident["kl_div"] == pytest.approx(0.0, abs=1e-6)
+    assert ident["l_added"] == pytest.approx(0.0, abs=1e-6)
+    assert ident["gamma"] == pytest.approx(1.0) and ident["fvu"] == pytest.approx(0.0, abs=1e-6)
+    assert z["loss_recovered_zero"] == pytest.approx(0.0, abs=1e-6)
+    assert m["loss_recovered_mean"] == pytest.approx(0.0, abs=1e-5)
+    # The ablations change this random model's loss, so the 0 and 1 above are not an accident of equal losses.
+    assert abs(base.ce_ablated["zero"] - base.ce_clean) > 1e-3
+    assert abs(base.ce_ablated["mean"] - base.ce_clean) > 1e-3
+    # Every non-BOS position was scored.
+    assert ident["eval_tokens"] == int(splice_mask(lm, contexts).sum()) == contexts.numel() - contexts.shape[0]
+
+
+def test_clean_loss_matches_the_models_own_loss(lm, contexts):
+    base = baseline_losses(lm, SITE, list(contexts.split(4)))
+    with torch.no_grad():
+        expected = lm.next_token_loss(contexts).double().mean().item()
+        own = next_token_ce(lm.forward(contexts), contexts).double().mean().item()
+    assert base.ce_clean == pytest.approx(expected, rel=1e-5)
+    assert own == pytest.approx(expected, rel=1e-5)
+
+
+def test_baselines_are_cached_per_model_site_and_tokens(lm, contexts):
+    batches = list(contexts.split(4))
+    first = baseline_losses(lm, SITE, batches)
+    assert baseline_losses(lm, SITE, batches) is first
+    assert baseline_losses(lm, "blocks.0.resid_post", batches) is not first
+    other = contexts.clone()
+    other[:, -1] = (other[:, -1] + 1) % lm.vocab_size
+    assert baseline_losses(lm, SITE, list(other.split(4))) is not first
+
+
+def test_real_saes_report_every_metric_and_bad_width_is_refused(lm, contexts):
+    d = lm.site_dim(SITE)
+    torch.manual_seed(0)
+    saes = [create_sae("relu", d_in=d, d_sae=4 * d), create_sae("topk", d_in=d, d_sae=4 * d, k=4)]
+    rows = evaluate_saes(lm, saes, SITE, contexts, batch_size=3, ito=(2,), progress=False)
+    assert [r["architecture"] for r in rows] == ["relu", "topk", "ito:relu", "ito:topk"]
+    topk = rows[1]
+    assert topk["l0"] <= 4 + 1e-9 and topk["k"] == 4
+    for r in rows:
+        for key in ("l0", "loss_recovered_zero", "loss_recovered_mean", "kl_div", "l_added", "nmse", "fvu",
+                    "cosine", "gamma", "dead_fraction", "dense_fraction"):
+            assert isinstance(r[key], float) and r[key] == r[key], (r["name"], key)
+    assert all(r["l0"] <= 2 + 1e-9 for r in rows[2:])
+    dd = rows[0]["directional_derivative"]
+    assert dd["decoder"] > 0 and dd["random"] > 0 and dd["covariance_matched"] > 0
+    assert sum(rows[0]["decoder_max_cos"]["counts"]) == 4 * d
+    with pytest.raises(ValueError, match="d_in"):
+        evaluate_saes(lm, [create_sae("relu", d_in=d + 1, d_sae=8)], SITE, contexts, progress=False)
+
+
+def test_gradient_topk_gets_site_gradients(lm, contexts):
+    d = lm.site_dim(SITE)
+    torch.manual_seed(0)
+    gsae = create_sae("gradient_topk", d_in=d, d_sae=4 * d, k=3)
+    row = evaluate_saes(lm, [gsae], SITE, contexts, batch_size=3, analyses=False, progress=False)[0]
+    assert row["architecture"] == "gradient_topk" and 0 < row["l0"] <= 3

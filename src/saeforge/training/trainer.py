@@ -232,9 +232,10 @@ class Trainer:
                                     f"training stopped ({self._last_good()})")
 
     def _resample_due(self) -> bool:
+        # Depends on [train] only, not on which SAEs resample: the stream is consumed the same way whatever the
+        # mix of SAEs, so an SAE trains on the same batches alone as next to others.
         t = self.cfg.train
-        return (self.step % t.resample_every == 0 and self.step <= t.resample_until
-                and any(run.resample for run in self.runs.values()))
+        return t.resample and self.step % t.resample_every == 0 and self.step <= t.resample_until
 
     def _resample(self, batches, monitor: Monitor) -> None:
         """Draw fresh inputs (consumed from the stream, not trained on) and resample each SAE's dead latents."""

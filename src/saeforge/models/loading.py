@@ -175,6 +175,8 @@ def _converted(name: str, write_gguf) -> Path:
     with _lock(root / f".{name}.lock"):
         if (directory / "config.json").is_file():  # converted by another process while we waited
             return directory
+        for stale in root.glob(f".{name}.tmp-*"):  # left by a killed conversion; we hold the lock
+            shutil.rmtree(stale, ignore_errors=True)
         with tempfile.TemporaryDirectory(dir=root, prefix=f".{name}.tmp-") as tmp:
             work = Path(tmp)
             gguf = work / "source" / f"{name}.gguf"

@@ -51,7 +51,7 @@ class LRSchedule:
         if self.last_resample_step is None or self.resample_warmup_steps <= 0:
             return 1.0
         since = step - self.last_resample_step
-        if since >= self.resample_warmup_steps:
+        if since < 0 or since >= self.resample_warmup_steps:
             return 1.0
         rise = 0.5 * (1.0 - math.cos(math.pi * since / self.resample_warmup_steps))  # 0 -> 1, cosine
         return self.resample_drop + (1.0 - self.resample_drop) * rise

@@ -187,7 +187,9 @@ class Trainer:
         return save_checkpoint(self.checkpoint_dir, self.step, self.state_dict(), keep=self.cfg.train.keep_checkpoints)
 
     # ------------------------------------------------------------------------------------------------ training
-    def _prepare(self, resume: bool, overwrite: bool) -> None:
+    def prepare(self, resume: bool = False, *, overwrite: bool = False) -> None:
+        """Open the stream and build the SAEs (restored from the newest checkpoint when resuming). `run` calls it
+        when it was not called before; calling it first gives access to `self.runs` before training starts."""
         existing = latest_checkpoint(self.checkpoint_dir)
         if existing is not None and not resume:
             if not overwrite:
@@ -266,7 +268,8 @@ class Trainer:
     def run(self, resume: bool = False, *, overwrite: bool = False) -> TrainResult:
         """Train to train.tokens (or until the data runs out); save the SAEs; return where they are."""
         t = self.cfg.train
-        self._prepare(resume, overwrite)
+        if not self.runs:
+            self.prepare(resume, overwrite=overwrite)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "run_config.json").write_text(json.dumps(to_dict(self.cfg), indent=1))
         monitor = Monitor(total_steps=self.total_steps, start_step=self.step, batch_size=t.batch_size,

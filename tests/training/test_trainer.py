@@ -1,0 +1,182 @@
+"""The trainer on synthetic activation streams: many SAEs per stream, resampling, failures, saved SAEs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from saeforge.config import RunConfig, SAESpec, TrainConfig
+from saeforge.saes import load_sae
+from saeforge.training import SyntheticStream, Trainer, TrainingError, latest_checkpoint, load_checkpoint
+
+D_IN, BATCH = 16, 32
+
+
+def config(tmp_path, saes, **train) -> RunConfig:
+    base = dict(tokens=10 * BATCH, batch_size=BATCH, out_dir=str(tmp_path / "run"), lr=1e-2, lr_warmup_steps=2,
+                checkpoint_every=4, log_every=5, tensorboard=False, resample_every=4, dead_window_steps=2,
+                resample_sample_tokens=64, aux_k_dead_tokens=2 * BATCH, seed=1)
+    base.update(train)
+    return RunConfig(train=TrainConfig(**base), sae=saes)
+
+
+def stream(**kwargs) -> SyntheticStream:
+    return SyntheticStream(D_IN, BATCH, grad=True, seed=7, **kwargs)
+
+
+MIXED = [SAESpec("relu", d_sae=48, sparsity_coeff=0.5), SAESpec("gated", d_sae=32, sparsity_coeff=0.5),
+         SAESpec("topk", d_sae=48, k=3), SAESpec("gradient_topk", d_sae=48, k=3, options={"beta": 3.0})]
+
+
+def test_many_saes_per_stream_match_each_trained_alone(tmp_path):
+    together = Trainer(config(tmp_path / "all", MIXED), stream=stream(), progress=False)
+    together.run()
+    assert together.resamples  # the resampling batches are drawn in both settings
+    for spec in MIXED:
+        alone = Trainer(config(tmp_path / spec.architecture, [spec]), stream=stream(), progress=False)
+        alone.run()
+        (name, run), = alone.runs.items()
+        mine = together.runs[name]
+        for key, value in run.sae.state_dict().items():
+            assert torch.equal(value, mine.sae.state_dict()[key]), f"{name}.{key}"
+        assert torch.equal(run.tracker.counts, mine.tracker.counts)
+
+
+def test_resampling_revives_dead_latents(tmp_path):
+    def train(resample: bool):
+        specs = [SAESpec("relu", d_sae=64, sparsity_coeff=0.1, name="relu"),
+                 SAESpec("gated", d_sae=64, sparsity_coeff=0.1, name="gated")]
+        cfg = config(tmp_path / str(resample), specs, tokens=14 * BATCH, resample=resample, resample_every=10,
+                     resample_until=10, dead_window_steps=5, resample_sample_tokens=256, resample_lr_warmup_steps=4)
+        trainer = Trainer(cfg, stream=stream(), progress=False)
+        trainer.prepare()
+        with torch.no_grad():  # latents 0..31 can never fire: the state resampling exists to repair
+            trainer.runs["relu"].sae.b_enc[:32] = -1e4
+            trainer.runs["gated"].sae.b_gate[:32] = -1e4
+        return trainer, trainer.run()
+
+    def dead_fraction(sae_dir) -> float:
+        sae = load_sae(sae_dir)
+        held_out = SyntheticStream(D_IN, 2048, seed=7)
+        held_out.batches = 10_000  # data the run never saw
+        return float(((sae.encode(next(held_out)["x"]) > 0).sum(0) == 0).float().mean())
+
+    _, without = train(False)
+    trainer, result = train(True)
+    assert [(e["sae"], e["step"]) for e in result.resamples] == [("relu", 10), ("gated", 10)]
+    assert all(e["n_resampled"] >= 32 for e in result.resamples)
+    for name in ("relu", "gated"):
+        before, after = dead_fraction(without.sae_dirs[name]), dead_fraction(result.sae_dirs[name])
+        assert before >= 0.5 and after < 0.25, (name, before, after)
+        # Paper A: the LR dropped to 0.1x at the resample and is back on its way up (cosine over 4 steps).
+        schedule = trainer.runs[name].lr_schedule
+        assert schedule.last_resample_step == 10
+        assert schedule(9) == pytest.approx(1e-2)
+        assert schedule(10) == pytest.approx(1e-3)
+        assert 1e-3 < schedule(12) < 1e-2
+        assert schedule(14) == pytest.approx(1e-2)
+
+
+def test_nan_in_the_data_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path):
+    class NaNAtBatch(SyntheticStream):
+        def _make(self, index):
+            batch = super()._make(index)
+            if index == 5:
+                batch["x"][3, 2] = float("nan")
+            return batch
+
+    cfg = config(tmp_path, MIXED[:2], checkpoint_every=2, resample=False)
+    with pytest.raises(TrainingError) as err:
+        Trainer(cfg, stream=NaNAtBatch(D_IN, BATCH, grad=True, seed=7), progress=False).run()
+    message = str(err.value)
+    assert "step 6" in message and "1 NaN" in message and "relu_w48_l0.5" in message
+    assert "step_000000004" in message
+    path = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    step, state = load_checkpoint(path)
+    assert step == 4
+    assert all(torch.isfinite(v).all() for v in state["saes"]["gated_w32_l0.5"]["weights"].values())
+
+
+def test_non_finite_loss_names_the_sae_and_step(tmp_path):
+    class HugeAtBatch(SyntheticStream):
+        def _make(self, index):
+            batch = super()._make(index)
+            if index == 3:
+                batch["x"] *= 1e22  # finite data whose squared error overflows float32
+            return batch
+
+    cfg = config(tmp_path, MIXED[:1], checkpoint_every=2, resample=False)
+    with pytest.raises(TrainingError, match=r"SAE 'relu_w48_l0.5': the loss is inf at step 4"):
+        Trainer(cfg, stream=HugeAtBatch(D_IN, BATCH, grad=True, seed=7), progress=False).run()
+    assert latest_checkpoint(tmp_path / "run" / "checkpoints").name == "step_000000002"
+
+
+def test_running_out_of_data_ends_cleanly(tmp_path, capsys):
+    cfg = config(tmp_path, MIXED[2:3], tokens=100 * BATCH, resample=False)
+    result = Trainer(cfg, stream=stream(max_tokens=7 * BATCH + 5), progress=False).run()
+    assert result.data_exhausted and result.steps == 7 and result.tokens_seen == 7 * BATCH
+    assert "ran out after 224 tokens (7 steps)" in capsys.readouterr().err
+    assert latest_checkpoint(tmp_path / "run" / "checkpoints").name == "step_000000007"
+    assert load_sae(result.sae_dirs["topk_w48_k3"]).d_sae == 48
+
+
+def test_saved_saes_work_on_raw_activations(tmp_path):
+    data = stream()
+    trainer = Trainer(config(tmp_path, MIXED, resample=False), stream=data, progress=False)
+    result = trainer.run()
+    c = data.scale
+    batch = SyntheticStream(D_IN, 64, grad=True, seed=99)._make(0)
+    x, grad = batch["x"], batch["grad"]
+    for name, run in trainer.runs.items():
+        saved = load_sae(result.sae_dirs[name])
+        kwargs = {"grad": grad} if saved.needs_grad else {}
+        scaled_kwargs = {"grad": grad / c} if saved.needs_grad else {}
+        with torch.no_grad():
+            # trained on c*x: the saved SAE reconstructs raw x as the trained one reconstructs c*x, divided by c
+            torch.testing.assert_close(saved(x, **kwargs), run.sae(c * x, **scaled_kwargs) / c, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(saved.encode(x, **kwargs), run.sae.encode(c * x, **scaled_kwargs) / c,
+                                       rtol=1e-4, atol=1e-5)
+        cfg = json.loads((result.sae_dirs[name] / "cfg.json").read_text())
+        assert cfg["hook_name"] == "blocks.9.resid_post" and cfg["context_size"] == 128
+        assert cfg["activation_scale"] == pytest.approx(c)
+        counts = load_file(str(result.sae_dirs[name] / "sparsity.safetensors"))["firing_counts"]
+        assert torch.equal(counts, run.tracker.counts.float())
+        assert counts.sum() > 0
+    assert result.tokens_seen == 10 * BATCH and result.steps == 10
+
+
+def test_decoder_rows_stay_unit_norm_during_training(tmp_path):
+    trainer = Trainer(config(tmp_path, MIXED), stream=stream(), progress=False)
+    trainer.run()
+    for run in trainer.runs.values():
+        norms = run.sae.W_dec.norm(dim=1)
+        torch.testing.assert_close(norms, torch.ones_like(norms), rtol=0, atol=1e-5)
+
+
+def test_fresh_run_refuses_to_overwrite_a_checkpoint(tmp_path):
+    cfg = config(tmp_path, MIXED[2:3], tokens=4 * BATCH)
+    Trainer(cfg, stream=stream(), progress=False).run()
+    with pytest.raises(TrainingError, match="already holds a checkpoint"):
+        Trainer(cfg, stream=stream(), progress=False).run()
+    assert Trainer(cfg, stream=stream(), progress=False).run(overwrite=True).steps == 4
+
+
+def test_resume_with_another_config_is_refused(tmp_path):
+    Trainer(config(tmp_path, MIXED[2:3], tokens=4 * BATCH), stream=stream(), progress=False).run()
+    other = config(tmp_path, [SAESpec("topk", d_sae=48, k=5)], tokens=8 * BATCH)
+    with pytest.raises(TrainingError, match=r"different config \(sections \['sae'\]\)"):
+        Trainer(other, stream=stream(), progress=False).run(resume=True)
+
+
+def test_bf16_autocast_trains(tmp_path):
+    trainer = Trainer(config(tmp_path, MIXED, autocast_bf16=True), stream=stream(), progress=False)
+    result = trainer.run()
+    for name, metrics in result.metrics.items():
+        assert torch.isfinite(torch.tensor(metrics["loss"])), name
+    first = Trainer(config(tmp_path / "short", MIXED, autocast_bf16=True, tokens=BATCH), stream=stream(),
+                    progress=False).run()
+    for name in result.metrics:  # training lowered the reconstruction error
+        assert result.metrics[name]["recon"] < first.metrics[name]["recon"], name

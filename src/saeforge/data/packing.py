@@ -49,8 +49,8 @@ def pack_contexts(
         separator = getattr(tokenizer, "eos_token_id", None)
         body = context_len
     pending: list[int] = []
-    for ids in _token_lists(texts, tokenizer):
-        if separator is not None and pending:
+    for n_docs, ids in enumerate(_token_lists(texts, tokenizer)):
+        if separator is not None and n_docs:
             pending.append(separator)
         pending.extend(ids)
         start = 0

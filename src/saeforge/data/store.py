@@ -21,6 +21,7 @@ import hashlib
 import itertools
 import json
 import math
+from pathlib import Path
 from typing import Any, Iterator, Optional, Protocol
 
 import torch
@@ -242,8 +243,8 @@ def open_stream(
     if data_cfg.cache_dir:
         from saeforge.data.cache import ActivationCache, CacheBlocks
 
-        cache = ActivationCache(data_cfg.cache_dir, model=model_cfg.name if lm is None else _lm_names(lm, model_cfg),
-                                site=model_cfg.site, split=split, keep_bos=data_cfg.keep_bos, grad=grad)
+        cache = ActivationCache(data_cfg.cache_dir, model=_model_names(model_cfg, lm), site=model_cfg.site,
+                                split=split, keep_bos=data_cfg.keep_bos, grad=grad)
         blocks = CacheBlocks(cache, buffer_tokens=data_cfg.buffer_tokens, seed=seed, rank=rank,
                              world_size=world_size, grad=grad)
         return ActivationStream(blocks, batch_size, seed=seed, rank=rank, grad=grad, scale=cache.scale)
@@ -256,6 +257,16 @@ def open_stream(
     return ActivationStream(blocks, batch_size, seed=seed, rank=rank, grad=grad)
 
 
-def _lm_names(lm: Any, model_cfg: Any) -> tuple[str, ...]:
-    """Names under which a cache harvested from this model may be recorded: the LM's name and the config's spec."""
-    return tuple(n for n in {getattr(lm, "name", None), model_cfg.name} if n)
+def _model_names(model_cfg: Any, lm: Any) -> set[str]:
+    """Names a cache of this model may be recorded under: the config's spec, what load_lm names that spec (the
+    embedded model's name, a directory's absolute path), and the name of the LM passed in."""
+    names = {model_cfg.name}
+    if model_cfg.name == "embedded":
+        from saeforge.models.loading import EMBEDDED_NAME
+
+        names.add(EMBEDDED_NAME)
+    elif Path(model_cfg.name).expanduser().is_dir():
+        names.add(str(Path(model_cfg.name).expanduser().resolve()))
+    if lm is not None and getattr(lm, "name", None):
+        names.add(lm.name)
+    return names

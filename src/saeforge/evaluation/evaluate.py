@@ -73,7 +73,8 @@ def _describe(sae, name: str, path, lm, site: str) -> dict:
         row["ito_k"] = k
         k = getattr(sae.sae, "k", None)
     row["k"] = k
-    row["sparsity_coeff"] = cfg.get("sparsity_coeff")
+    training = cfg.get("training") if isinstance(cfg.get("training"), dict) else {}
+    row["sparsity_coeff"] = cfg.get("sparsity_coeff", training.get("sparsity_coeff"))
     return row
 
 

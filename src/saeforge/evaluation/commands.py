@@ -1,0 +1,269 @@
+"""`saeforge eval` and `saeforge sweep`: held-out evaluation of saved SAEs, and a trained-and-evaluated grid.
+
+Output of both: a JSON file whose "results" list holds one row per SAE (see `evaluate_saes` for the keys), a
+Markdown table on the terminal, and PNG figures; the sweep also writes a CSV and the Pareto figures.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+from tyro.conf import Positional
+
+from saeforge.config import ConfigError, DataConfig, EvalConfig, RunConfig, load_config, to_dict
+from saeforge.evaluation.evaluate import evaluate_saes
+
+# Scalar columns of the CSV, in order (the JSON rows hold these and the histograms).
+CSV_COLUMNS = [
+    "name", "architecture", "model", "site", "d_in", "d_sae", "k", "sparsity_coeff", "ito_k", "l0",
+    "loss_recovered_zero", "loss_recovered_mean", "ce_clean", "ce_spliced", "ce_zero_ablation", "ce_mean_ablation",
+    "kl_div", "l_added", "mse", "nmse", "fvu", "cosine", "gamma", "dead_fraction", "dense_fraction",
+    "eval_tokens", "path",
+]
+# (column, header, format) of the terminal table.
+TABLE_COLUMNS = [
+    ("l0", "L0", "{:.1f}"), ("loss_recovered_zero", "loss rec. (zero)", "{:.2%}"),
+    ("loss_recovered_mean", "loss rec. (mean)", "{:.2%}"), ("kl_div", "KL", "{:.4f}"), ("l_added", "L_added", "{:.2%}"),
+    ("nmse", "NMSE", "{:.3f}"), ("fvu", "FVU", "{:.3f}"), ("cosine", "cos", "{:.3f}"), ("gamma", "gamma", "{:.3f}"),
+    ("dead_fraction", "dead", "{:.1%}"), ("dense_fraction", "dense", "{:.1%}"),
+]
+
+
+def _model_spec(model_name: str) -> str:
+    """The load_lm spec for a model name recorded in an SAE's cfg.json (the embedded model records its own name)."""
+    from saeforge.models.loading import EMBEDDED_NAME
+
+    return "embedded" if model_name == EMBEDDED_NAME else model_name
+
+
+def eval_contexts(lm, data_cfg: DataConfig, tokens: int, batch_size: int = 8) -> torch.Tensor:
+    """Held-out contexts (split="eval") of data_cfg.source: enough [context_len] contexts to hold `tokens` tokens,
+    or all of them when the split is smaller."""
+    from saeforge.data import context_batches
+
+    n_contexts = max(1, math.ceil(tokens / data_cfg.context_len))
+    picked: list[torch.Tensor] = []
+    for batch in context_batches(lm, data_cfg, "eval", batch_size):
+        picked.extend(batch)
+        if len(picked) >= n_contexts:
+            break
+    if not picked:
+        raise ValueError(f"the eval split of {data_cfg.source!r} holds no full context of {data_cfg.context_len} tokens")
+    if len(picked) < n_contexts:
+        print(f"note: the eval split of {data_cfg.source!r} holds only {len(picked) * data_cfg.context_len:,} tokens "
+              f"of the {tokens:,} asked for; evaluating on all of them", file=sys.stderr)
+    return torch.stack(picked[:n_contexts])
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """A short Markdown table of the headline metrics, one line per SAE."""
+    cols = [c for c in TABLE_COLUMNS if any(c[0] in r for r in rows)]
+    lines = ["| SAE | arch | " + " | ".join(h for _, h, _ in cols) + " |",
+             "|---|---|" + "---:|" * len(cols)]
+    for r in rows:
+        cells = []
+        for key, _, fmt in cols:
+            v = r.get(key)
+            cells.append(fmt.format(v) if isinstance(v, (int, float)) and math.isfinite(v) else "-")
+        lines.append(f"| {r['name']} | {r['architecture']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_csv(rows: list[dict], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_COLUMNS})
+    return path
+
+
+def _write_json(path: Path, payload: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=1, allow_nan=True))
+    tmp.replace(path)
+    return path
+
+
+def _read_sae_cfg(directory: Path) -> dict:
+    cfg_file = directory / "cfg.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{directory} is not a saved SAE (no cfg.json)")
+    return json.loads(cfg_file.read_text())
+
+
+def eval_command(
+    sae_dirs: Positional[list[Path]],
+    out: Path = Path("eval_out"),
+    tokens: int = 32768,
+    ito: tuple[int, ...] = (),
+    steering: bool = False,
+    model: Optional[str] = None,
+    site: Optional[str] = None,
+    source: str = "embedded",
+    context_len: Optional[int] = None,
+    batch_size: int = 8,
+    device: str = "cpu",
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+    keep_bos: bool = False,
+    analyses: bool = True,
+    seed: int = 0,
+    progress: bool = True,
+) -> None:
+    """Evaluate saved SAEs on held-out tokens of their model, site and corpus.
+
+    Writes OUT/eval.json (one row of metrics per SAE), PNG figures in OUT, and prints a Markdown table.
+
+    Args:
+        sae_dirs: saved SAE directories (cfg.json + sae_weights.safetensors).
+        out: output directory.
+        tokens: held-out tokens to evaluate on (whole contexts; BOS positions are not spliced).
+        ito: L0 targets for inference-time optimisation by gradient pursuit with each SAE's decoder.
+        steering: run paper B's steering measurement on a sample of latents.
+        model: the language model (else each SAE's cfg.json model_name).
+        site: the site (else each SAE's cfg.json hook_name).
+        source: text source of the held-out split ("embedded", a .txt/.jsonl/.parquet path, "hf:<id>").
+        context_len: context length (else the SAE's context_size, else 128).
+        batch_size: contexts per LM forward pass.
+        device: where the LM and SAEs run.
+        dtype: the LM's dtype.
+        keep_bos: also splice and score BOS positions (use when the SAE was trained with keep_bos).
+        analyses: paper B's decoder-similarity and directional-derivative analyses.
+        seed: seed for sampled latents and random directions.
+        progress: show progress bars.
+    """
+    from saeforge.models import load_lm
+    from saeforge.viz.eval_figures import eval_figures
+
+    try:
+        cfg = EvalConfig(tokens=tokens, batch_size=batch_size, ito=tuple(ito), steering=steering, analyses=analyses)
+        groups: dict[tuple[str, str, int], list[Path]] = defaultdict(list)
+        for d in sae_dirs:
+            sae_cfg = _read_sae_cfg(Path(d))
+            m, s = model or sae_cfg.get("model_name"), site or sae_cfg.get("hook_name")
+            if not m or not s:
+                raise ConfigError(f"{d}/cfg.json records no model_name/hook_name; pass --model and --site")
+            groups[(m, s, context_len or int(sae_cfg.get("context_size") or 128))].append(Path(d))
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"saeforge eval: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+    rows, figures = [], []
+    for gi, ((model_name, site_name, ctx), dirs) in enumerate(groups.items()):
+        lm = load_lm(_model_spec(model_name), device=device, dtype=dtype)
+        contexts = eval_contexts(lm, DataConfig(source=source, context_len=ctx), tokens, batch_size)
+        group_rows = evaluate_saes(lm, dirs, site_name, contexts, cfg, keep_bos=keep_bos, seed=seed,
+                                       progress=progress)
+        prefix = "" if len(groups) == 1 else f"group{gi}_"
+        figures += eval_figures(group_rows, out, f"{lm.name} @ {site_name}", prefix=prefix)
+        rows += group_rows
+    settings = {"tokens": tokens, "source": source, "keep_bos": keep_bos, "device": device, "dtype": dtype,
+                "seed": seed, **{k: v for k, v in to_dict(cfg).items() if not k.startswith("grid_")}}
+    _write_json(out / "eval.json", {"settings": settings, "results": rows, "figures": [str(p) for p in figures]})
+    print(markdown_table(rows))
+    print(f"\nresults: {out / 'eval.json'}")
+    for p in figures:
+        print(f"figure:  {p}")
+
+
+# ------------------------------------------------------------------------------------------------------ sweep
+
+SWEEPABLE = {"relu": "sparsity", "gated": "sparsity", "topk": "k", "gradient_topk": "k"}
+
+
+def expand_grid(cfg: RunConfig) -> RunConfig:
+    """Replace cfg.sae by the grid of cfg.eval.grid_* when grid_architectures is set (see EvalConfig)."""
+    e = cfg.eval
+    if not e.grid_architectures:
+        return cfg
+    template = cfg.sae[0]
+    specs = []
+    for arch in e.grid_architectures:
+        if arch not in SWEEPABLE:
+            raise ConfigError(f"eval.grid_architectures: {arch!r} cannot be swept; use one of {list(SWEEPABLE)}")
+        values = e.grid_sparsity_coeffs if SWEEPABLE[arch] == "sparsity" else e.grid_k
+        if not values:
+            field_name = "grid_sparsity_coeffs" if SWEEPABLE[arch] == "sparsity" else "grid_k"
+            raise ConfigError(f"eval.{field_name}: needed to sweep {arch!r} (eval.grid_architectures)")
+        # Architecture options (e.g. beta, tied) belong to the template's own architecture only.
+        options = dict(template.options) if arch == template.architecture else {}
+        for value in values:
+            setting = {"sparsity_coeff": value, "k": None} if SWEEPABLE[arch] == "sparsity" else {"k": value}
+            specs.append(dataclasses.replace(template, architecture=arch, name=None, options=options, **setting))
+    return dataclasses.replace(cfg, sae=specs)
+
+
+def sweep_command(
+    config: Path,
+    out: Optional[Path] = None,
+    train: bool = True,
+    resume: bool = False,
+    overwrite: bool = False,
+    eval_tokens: Optional[int] = None,
+    progress: bool = True,
+) -> None:
+    """Train a grid of SAEs from one activation stream, evaluate every SAE, write a CSV and Pareto figures.
+
+    The grid is the config's [[sae]] list, or the compact eval.grid_* fields (see EvalConfig). Writes
+    OUT/sweep.csv, OUT/sweep.json and PNG figures (L0 vs loss recovered, L0 vs gamma, L0 vs NMSE, dead fraction
+    vs k, firing frequencies, ...).
+
+    Args:
+        config: the run file ([model], [data], [train], [eval], [[sae]]).
+        out: output directory (else eval.out_dir, else <train.out_dir>/eval).
+        train: train first; with --no-train, evaluate the SAEs a finished run saved under train.out_dir.
+        resume: continue an interrupted training run.
+        overwrite: retrain even though train.out_dir holds a checkpoint.
+        eval_tokens: overrides eval.tokens.
+        progress: show progress bars.
+    """
+    from saeforge.models import load_lm
+    from saeforge.training import Trainer, TrainingError
+    from saeforge.training.trainer import sae_name, sae_width
+    from saeforge.viz.eval_figures import eval_figures
+    from saeforge.viz.pareto import pareto_figures
+
+    try:
+        cfg = expand_grid(load_config(config))
+        if eval_tokens is not None:
+            cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, tokens=eval_tokens))
+    except ConfigError as e:
+        print(f"saeforge sweep: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    out = Path(out or cfg.eval.out_dir or Path(cfg.train.out_dir) / "eval")
+    lm = load_lm(cfg.model)
+    try:
+        if train:
+            sae_dirs = list(Trainer(cfg, lm=lm, progress=progress).run(resume=resume, overwrite=overwrite)
+                            .sae_dirs.values())
+        else:
+            d_in = lm.site_dim(cfg.model.site)
+            sae_dirs = [Path(cfg.train.out_dir) / sae_name(s, sae_width(s, d_in)) for s in cfg.sae]
+            missing = [str(d) for d in sae_dirs if not (d / "cfg.json").is_file()]
+            if missing:
+                raise ConfigError(f"--no-train: these SAEs were not found: {missing}")
+    except (ConfigError, TrainingError) as e:
+        print(f"saeforge sweep: error: {e}", file=sys.stderr)
+        raise SystemExit(2 if isinstance(e, ConfigError) else 1) from None
+
+    contexts = eval_contexts(lm, cfg.data, cfg.eval.tokens, cfg.eval.batch_size)
+    rows = evaluate_saes(lm, sae_dirs, cfg.model.site, contexts, cfg.eval, keep_bos=cfg.data.keep_bos,
+                             seed=cfg.train.seed, progress=progress)
+    csv_path = write_csv(rows, out / "sweep.csv")
+    figures = pareto_figures(rows, out, lm.name, cfg.model.site)
+    figures += eval_figures(rows, out, f"{lm.name} @ {cfg.model.site}")
+    _write_json(out / "sweep.json", {"config": to_dict(cfg), "results": rows, "figures": [str(p) for p in figures]})
+    print(markdown_table(rows))
+    print(f"\ncsv:     {csv_path}\nresults: {out / 'sweep.json'}")
+    for p in figures:
+        print(f"figure:  {p}")

@@ -1,0 +1,86 @@
+"""Pareto figures of a sweep: one line per architecture through its SAEs, sorted by L0."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+from saeforge.viz.eval_figures import _save
+
+L0_LABEL = "L0 (mean active latents per token)"
+
+
+def _by_architecture(rows: list[dict]) -> dict[str, list[dict]]:
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        if r.get("ito_k") is None:
+            groups[r["architecture"]].append(r)
+    return dict(groups)
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _setting(row: dict):
+    """What distinguishes SAEs of one architecture in a sweep: k, or the sparsity coefficient."""
+    return row.get("k") if row["architecture"] in ("topk", "gradient_topk") else row.get("sparsity_coeff")
+
+
+def _line_plot(rows: list[dict], x_key: str, y_key: str, path: Path, *, xlabel: str, ylabel: str, title: str,
+               log_x: bool | None = None, hline: float | None = None, annotate: bool = True) -> Path | None:
+    """One line per architecture; each point labelled with its k or sparsity coefficient."""
+    groups = _by_architecture(rows)
+    points = {a: sorted([r for r in rs if _finite(r.get(x_key)) and _finite(r.get(y_key))], key=lambda r: r[x_key])
+              for a, rs in groups.items()}
+    points = {a: rs for a, rs in points.items() if rs}
+    if not points:
+        return None
+    fig = Figure(figsize=(7, 4.8))
+    ax = fig.subplots()
+    for arch, rs in sorted(points.items()):
+        ax.plot([r[x_key] for r in rs], [r[y_key] for r in rs], "o-", label=arch)
+        if annotate:
+            for r in rs:
+                if _finite(_setting(r)):
+                    ax.annotate(f"{_setting(r):g}", (r[x_key], r[y_key]), fontsize=7, xytext=(3, 3),
+                                textcoords="offset points")
+    xs = [r[x_key] for rs in points.values() for r in rs]
+    if log_x is None:
+        log_x = min(xs) > 0 and max(xs) / min(xs) > 8
+    if log_x:
+        ax.set_xscale("log")
+    if hline is not None:
+        ax.axhline(hline, color="gray", lw=0.8, ls=":")
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(title="architecture (points: k or sparsity coeff.)" if annotate else "architecture", fontsize=8)
+    return _save(fig, path)
+
+
+def pareto_figures(rows: list[dict], out_dir: Path, model: str, site: str) -> list[Path]:
+    """L0 vs loss recovered (each ablation), L0 vs gamma, L0 vs NMSE, and dead fraction vs k; returns the paths."""
+    out_dir = Path(out_dir)
+    where = f"{model} @ {site}"
+    drawn = []
+    for kind in ("zero", "mean"):
+        drawn.append(_line_plot(
+            rows, "l0", f"loss_recovered_{kind}", out_dir / f"pareto_l0_vs_loss_recovered_{kind}.png",
+            xlabel=L0_LABEL, ylabel=f"loss recovered vs {kind} ablation (1 = clean model)",
+            title=f"Sparsity vs fidelity ({kind} ablation)\n{where}", hline=1.0))
+    drawn.append(_line_plot(rows, "l0", "gamma", out_dir / "pareto_l0_vs_gamma.png", xlabel=L0_LABEL,
+                            ylabel="relative reconstruction bias gamma (1 = unbiased, < 1 = shrinkage)",
+                            title=f"Shrinkage (paper A eq. 9, corrected)\n{where}", hline=1.0))
+    drawn.append(_line_plot(rows, "l0", "nmse", out_dir / "pareto_l0_vs_nmse.png", xlabel=L0_LABEL,
+                            ylabel="NMSE = mean ||x - x_hat|| / ||x||",
+                            title=f"Sparsity vs reconstruction error\n{where}"))
+    drawn.append(_line_plot(rows, "k", "dead_fraction", out_dir / "dead_fraction_vs_k.png",
+                            xlabel="k (latents kept per token)", ylabel="dead fraction (never fire on eval tokens)",
+                            title=f"Dead latents vs k\n{where}", log_x=True, annotate=False))
+    drawn.append(_line_plot(rows, "l0", "dead_fraction", out_dir / "dead_fraction_vs_l0.png", xlabel=L0_LABEL,
+                            ylabel="dead fraction (never fire on eval tokens)",
+                            title=f"Dead latents vs sparsity, every architecture\n{where}"))
+    return [p for p in drawn if p is not None]

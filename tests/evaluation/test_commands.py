@@ -1,0 +1,151 @@
+"""`saeforge eval` as a real subprocess, and `saeforge sweep` training and evaluating a tiny grid."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from saeforge import create_sae
+from saeforge.config import ConfigError, load_config
+from saeforge.evaluation.commands import expand_grid, markdown_table, sweep_command
+
+SITE = "blocks.1.resid_post"
+SRC = Path(__file__).resolve().parents[2] / "src"
+
+
+def _save_sae(directory: Path, model_dir: Path, architecture: str, **options) -> Path:
+    torch.manual_seed(0)
+    sae = create_sae(architecture, d_in=64, d_sae=128, **options)
+    sae.cfg.update({"model_name": str(model_dir), "hook_name": SITE, "context_size": 32})
+    sae.save(directory)
+    return directory
+
+
+def test_eval_cli_subprocess_writes_json_table_and_figures(tmp_path, tiny_model_dir, corpus_txt):
+    relu = _save_sae(tmp_path / "relu", tiny_model_dir, "relu")
+    topk = _save_sae(tmp_path / "topk", tiny_model_dir, "topk", k=8)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "saeforge", "eval", str(relu), str(topk), "--out", str(out), "--tokens", "256",
+         "--source", str(corpus_txt), "--ito", "2", "4", "--steering", "--batch-size", "4", "--no-progress"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "eval.json").read_text())
+    rows = report["results"]
+    assert [r["name"] for r in rows] == ["relu", "topk", "relu@ito2", "relu@ito4", "topk@ito2", "topk@ito4"]
+    assert all(r["site"] == SITE and r["eval_contexts"] == 8 for r in rows)
+    assert rows[1]["l0"] <= 8 + 1e-9 and rows[3]["l0"] <= 4 + 1e-9
+    assert len(rows[0]["steering"]["latents"]) > 0 and "mean_on_target" in rows[0]["steering"]
+    assert 0.0 <= rows[0]["dead_fraction"] <= 1.0
+    for name in ("firing_frequency", "decoder_max_cosine", "directional_derivatives", "ito_l0_vs_loss_recovered",
+                 "steering"):
+        png = out / f"{name}.png"
+        assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    # The terminal ends with the table and the paths.
+    assert "| relu | relu |" in proc.stdout and "| topk@ito4 | ito:topk |" in proc.stdout
+    assert str(out / "eval.json") in proc.stdout
+
+
+def test_eval_cli_refuses_a_directory_without_an_sae(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    proc = subprocess.run([sys.executable, "-m", "saeforge", "eval", str(tmp_path)], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 2 and "no cfg.json" in proc.stderr
+
+
+def _sweep_config(tmp_path: Path, model_dir: Path, corpus: Path) -> Path:
+    path = tmp_path / "sweep.toml"
+    path.write_text(f"""
+[model]
+name = "{model_dir}"
+site = "{SITE}"
+
+[data]
+source = "{corpus}"
+context_len = 32
+buffer_tokens = 1024
+lm_batch_size = 8
+
+[train]
+tokens = 2048
+batch_size = 128
+lr_warmup_steps = 2
+out_dir = "{tmp_path / 'run'}"
+tensorboard = false
+log_every = 4
+
+[eval]
+tokens = 256
+batch_size = 4
+analysis_batches = 1
+grid_architectures = ["relu", "gated", "topk", "gradient_topk"]
+grid_sparsity_coeffs = [1e-3, 1e-1]
+grid_k = [4, 16]
+
+[[sae]]
+expansion = 2.0
+""")
+    return path
+
+
+def test_sweep_trains_the_grid_and_writes_csv_and_figures(tmp_path, tiny_model_dir, corpus_txt):
+    config = _sweep_config(tmp_path, tiny_model_dir, corpus_txt)
+    out = tmp_path / "sweep_out"
+    sweep_command(config, out=out, progress=False)
+    with open(out / "sweep.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert sorted((r["architecture"], r["k"] or r["sparsity_coeff"]) for r in rows) == sorted(
+        [("relu", "0.001"), ("relu", "0.1"), ("gated", "0.001"), ("gated", "0.1"),
+         ("topk", "4"), ("topk", "16"), ("gradient_topk", "4"), ("gradient_topk", "16")])
+    for r in rows:
+        assert 0.0 <= float(r["dead_fraction"]) <= 1.0 and float(r["l0"]) >= 0
+    topk = {int(r["k"]): float(r["l0"]) for r in rows if r["architecture"] == "topk"}
+    assert topk[4] <= 4 + 1e-9 and topk[16] <= 16 + 1e-9
+    for name in ("pareto_l0_vs_loss_recovered_zero", "pareto_l0_vs_loss_recovered_mean", "pareto_l0_vs_gamma",
+                 "pareto_l0_vs_nmse", "dead_fraction_vs_k"):
+        assert (out / f"{name}.png").read_bytes()[:4] == b"\x89PNG", name
+    # Evaluating again without training finds the same SAEs.
+    sweep_command(config, out=tmp_path / "again", train=False, progress=False)
+    with open(tmp_path / "again" / "sweep.csv") as fh:
+        again = list(csv.DictReader(fh))
+    assert [r["l0"] for r in again] == [r["l0"] for r in rows]
+
+
+def test_grid_expansion_and_its_errors(tmp_path):
+    path = tmp_path / "g.toml"
+    path.write_text("""
+[eval]
+grid_architectures = ["gated", "topk"]
+grid_sparsity_coeffs = [1e-3, 3e-3]
+grid_k = [8]
+
+[[sae]]
+architecture = "gated"
+expansion = 4.0
+options = {use_r_mag = false}
+""")
+    cfg = expand_grid(load_config(path))
+    assert [(s.architecture, s.sparsity_coeff if s.k is None else s.k) for s in cfg.sae] == [
+        ("gated", 1e-3), ("gated", 3e-3), ("topk", 8)]
+    assert all(s.expansion == 4.0 for s in cfg.sae)
+    assert cfg.sae[0].options == {"use_r_mag": False} and cfg.sae[2].options == {}
+    path.write_text('[eval]\ngrid_architectures = ["topk"]\n')
+    with pytest.raises(ConfigError, match="grid_k"):
+        expand_grid(load_config(path))
+    path.write_text('[eval]\ngrid_architectures = ["jumprelu"]\ngrid_k = [3]\n')
+    with pytest.raises(ConfigError, match="jumprelu"):
+        expand_grid(load_config(path))
+
+
+def test_markdown_table_formats_missing_values():
+    table = markdown_table([{"name": "a", "architecture": "relu", "l0": 3.25, "gamma": float("nan")}])
+    assert table.splitlines()[2] == "| a | relu | 3.2 | - |"

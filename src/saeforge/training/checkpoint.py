@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 TENSORS = "tensors.safetensors"
@@ -156,6 +157,6 @@ def load_checkpoint(path: Path) -> tuple[int, dict]:
     try:
         meta = json.loads((path / STATE).read_text())
         tensors = load_file(str(path / TENSORS))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
     return int(meta["step"]), join_state(meta["state"], tensors)

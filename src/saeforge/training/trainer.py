@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from tyro.conf import Positional
 
 from saeforge.config import ConfigError, RunConfig, SAESpec, load_config, to_dict
 from saeforge.saes import create_sae
-from saeforge.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from saeforge.training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from saeforge.training.monitor import Monitor, summary_table
 from saeforge.training.sae_run import DEFAULT_BETAS, SAERun
 
@@ -343,7 +344,7 @@ class Trainer:
 
 
 def train_command(
-    config: Path,
+    config: Positional[Path],
     resume: bool = False,
     overwrite: bool = False,
     out_dir: Optional[str] = None,
@@ -368,7 +369,7 @@ def train_command(
         if overrides:
             cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **overrides))
         result = Trainer(cfg, progress=progress).run(resume=resume, overwrite=overwrite)
-    except (ConfigError, TrainingError) as e:
+    except (ConfigError, TrainingError, CheckpointError) as e:
         print(f"saeforge train: error: {e}", file=sys.stderr)
         raise SystemExit(2 if isinstance(e, ConfigError) else 1) from None
     print(f"trained {result.steps} steps ({result.tokens_seen:,} tokens); SAEs:")

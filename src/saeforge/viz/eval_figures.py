@@ -12,7 +12,7 @@ from matplotlib.figure import Figure
 
 def _save(fig: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    fig.savefig(path, dpi=110)
     return path
 
 
@@ -26,7 +26,7 @@ def firing_frequency_figure(rows: list[dict], path: Path, title: str) -> Path | 
     rows = [r for r in rows if "firing_log10_hist" in r]
     if not rows:
         return None
-    fig = Figure(figsize=(12, 4.5))
+    fig = Figure(figsize=(12, 4.5), layout="constrained")
     hist_ax, cdf_ax = fig.subplots(1, 2)
     for r in rows:
         h = r["firing_log10_hist"]
@@ -37,6 +37,11 @@ def firing_frequency_figure(rows: list[dict], path: Path, title: str) -> Path | 
                 title="Firing frequency of live latents")
     cdf_ax.set(xlabel="log10 firing frequency (fraction of eval tokens)", ylabel="fraction of latents at or below",
                title="CDF of firing frequency (dead latents at the left)", ylim=(0, 1.02))
+    # Start the frequency axis a little below the rarest live latent of any SAE.
+    lowest = min((e for r in rows for e, c in zip(r["firing_log10_hist"]["edges"], r["firing_log10_hist"]["counts"])
+                  if c), default=-7.0)
+    for ax in (hist_ax, cdf_ax):
+        ax.set_xlim(max(-7.0, lowest - 0.5), 0.05)
     hist_ax.legend(fontsize=8)
     cdf_ax.legend(fontsize=8)
     fig.suptitle(title)
@@ -48,7 +53,7 @@ def decoder_similarity_figure(rows: list[dict], path: Path, title: str) -> Path 
     rows = [r for r in rows if "decoder_max_cos" in r]
     if not rows:
         return None
-    fig = Figure(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
     ax = fig.subplots()
     for r in rows:
         h = r["decoder_max_cos"]
@@ -69,11 +74,11 @@ def directional_derivative_figure(rows: list[dict], path: Path, title: str) -> P
     values = [r["directional_derivative"]["decoder"] for r in rows]
     values += [rows[0]["directional_derivative"]["random"], rows[0]["directional_derivative"]["covariance_matched"]]
     colors = ["tab:blue"] * len(rows) + ["tab:gray", "tab:olive"]
-    fig = Figure(figsize=(max(6, 1.3 * len(labels)), 4.5))
+    fig = Figure(figsize=(max(6, 1.3 * len(labels)), 4.5), layout="constrained")
     ax = fig.subplots()
     ax.bar(range(len(labels)), values, color=colors)
     ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
-    ax.set(ylabel="mean |directional derivative| of next-token CE (per unit norm)",
+    ax.set(ylabel="mean |grad CE . u| over tokens (unit u)",
            title=f"Loss sensitivity along unit directions (paper B §2.3)\n{title}")
     return _save(fig, path)
 
@@ -84,7 +89,7 @@ def ito_figure(rows: list[dict], path: Path, title: str) -> Path | None:
     if not ito_rows:
         return None
     metric = "loss_recovered_zero" if "loss_recovered_zero" in ito_rows[0] else "loss_recovered_mean"
-    fig = Figure(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
     ax = fig.subplots()
     for base in [r for r in rows if r.get("ito_k") is None]:
         mine = sorted((r for r in ito_rows if r["name"].startswith(base["name"] + "@ito")), key=lambda r: r["l0"])
@@ -102,7 +107,7 @@ def steering_figure(rows: list[dict], path: Path, title: str) -> Path | None:
     if not rows:
         return None
     x = np.arange(len(rows))
-    fig = Figure(figsize=(max(6, 1.5 * len(rows)), 4.5))
+    fig = Figure(figsize=(max(6, 1.5 * len(rows)), 4.5), layout="constrained")
     ax = fig.subplots()
     ax.bar(x - 0.2, [r["steering"]["mean_on_target"] for r in rows], 0.4, label="on-target (top-n tokens)")
     ax.bar(x + 0.2, [r["steering"]["mean_off_target_added"] for r in rows], 0.4,

@@ -7,6 +7,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
 
 from saeforge.viz.eval_figures import _save
 
@@ -39,7 +40,7 @@ def _line_plot(rows: list[dict], x_key: str, y_key: str, path: Path, *, xlabel: 
     points = {a: rs for a, rs in points.items() if rs}
     if not points:
         return None
-    fig = Figure(figsize=(7, 4.8))
+    fig = Figure(figsize=(7, 4.8), layout="constrained")
     ax = fig.subplots()
     for arch, rs in sorted(points.items()):
         ax.plot([r[x_key] for r in rs], [r[y_key] for r in rs], "o-", label=arch)
@@ -53,6 +54,12 @@ def _line_plot(rows: list[dict], x_key: str, y_key: str, path: Path, *, xlabel: 
         log_x = min(xs) > 0 and max(xs) / min(xs) > 8
     if log_x:
         ax.set_xscale("log")
+        plain = FuncFormatter(lambda v, _: f"{v:g}")
+        ax.xaxis.set_major_formatter(plain)
+        ax.xaxis.set_minor_formatter(plain)
+    if x_key == "k":  # a few discrete values: tick exactly those
+        ax.set_xticks(sorted(set(xs)), [f"{v:g}" for v in sorted(set(xs))])
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
     if hline is not None:
         ax.axhline(hline, color="gray", lw=0.8, ls=":")
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)

@@ -69,4 +69,5 @@ def subprocess_env() -> dict:
     import saeforge
 
     src = str(Path(saeforge.__file__).resolve().parents[1])
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    # One thread: tiny models on a shared machine are far faster without thread contention.
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}

@@ -140,9 +140,9 @@ class DataConfig:
     source: str = "embedded"  # "embedded", a .txt/.jsonl/.parquet path, or "hf:<dataset id>[:<config>]"
     text_field: str = "text"
     context_len: int = 128
-    keep_bos: bool = False
+    keep_bos: bool = False  # keep BOS positions (attention sinks) in SAE training data; left out by default
     cache_dir: Optional[str] = None  # read activations from a harvested cache instead of running the LM
-    buffer_tokens: int = 65536  # shuffle buffer size in tokens
+    buffer_tokens: int = 65536  # shuffle buffer: tokens of contexts (or cache shards) held and mixed at once
     lm_batch_size: int = 16  # contexts per LM forward pass
 
     def __post_init__(self):

@@ -70,4 +70,5 @@ def subprocess_env() -> dict:
 
     src = str(Path(saeforge.__file__).resolve().parents[1])
     # One thread: tiny models on a shared machine are far faster without thread contention.
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    path = os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}

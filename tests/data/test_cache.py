@@ -132,7 +132,7 @@ def test_wrong_dtype_is_refused(cache_copy):
 def test_a_killed_harvest_leaves_no_manifest(cache_copy):
     """SIGKILL a real harvest over an old cache after it has written shards: no manifest is left, not even the old."""
     code = (
-        "import torch; torch.set_num_threads(1); from saeforge.models import tiny_lm; from saeforge.data import harvest; "
+        "from saeforge.models import tiny_lm; from saeforge.data import harvest; "
         f"harvest(tiny_lm('gemma3'), {SITE!r}, 'embedded', {str(cache_copy)!r}, tokens=10**8, context_len=32, "
         "shard_tokens=64)"
     )

@@ -115,7 +115,8 @@ class LiveBlocks:
         if self._contexts is None or self._position > target:
             self._contexts = itertools.islice(self._all_contexts(), self.rank, None, self.world_size)
             self._position = 0
-        contexts = list(itertools.islice(self._contexts, target - self._position, target - self._position + self.contexts_per_block))
+        skip = target - self._position
+        contexts = list(itertools.islice(self._contexts, skip, skip + self.contexts_per_block))
         self._position = target + len(contexts)
         if not contexts:
             return None

@@ -1,0 +1,276 @@
+"""The shared base of every SAE: input checks, initialisation, save/load in SAELens's layout, the registry.
+
+An architecture is one file that subclasses `SAE`, declares its parameters and implements `encode` and `loss`.
+Tensor names and shapes follow SAELens (`W_enc [d_in, d_sae]`, `W_dec [d_sae, d_in]`, ...), so export is a copy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+WEIGHTS_FILE = "sae_weights.safetensors"
+CFG_FILE = "cfg.json"
+SPARSITY_FILE = "sparsity.safetensors"
+
+REGISTRY: dict[str, type["SAE"]] = {}
+
+
+def register(name: str):
+    def wrap(cls):
+        cls.architecture = name
+        REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+@dataclass
+class SAELoss:
+    """Scalars are batch means of per-token sums over dimensions."""
+
+    total: Tensor
+    recon: Tensor
+    sparsity: Tensor
+    aux: Tensor
+    feats: Tensor
+    x_hat: Tensor
+
+
+def squared_error(x: Tensor, x_hat: Tensor) -> Tensor:
+    """||x - x_hat||^2 summed over dimensions, averaged over tokens (computed in fp32)."""
+    return (x.float() - x_hat.float()).pow(2).sum(-1).mean()
+
+
+class SAE(nn.Module):
+    architecture: ClassVar[str] = ""
+    saelens_architecture: ClassVar[str] = "standard"
+    needs_grad: ClassVar[bool] = False
+    uses_sparsity_coeff: ClassVar[bool] = False
+    supports_resampling: ClassVar[bool] = False
+    # Names of constructor options saved in cfg.json and passed back by load_sae.
+    option_names: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, d_in: int, d_sae: int, *, dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        for name, value in (("d_in", d_in), ("d_sae", d_sae)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{type(self).__name__}: {name} must be a positive integer, got {value!r}")
+        self.d_in, self.d_sae = d_in, d_sae
+        # Unit-norm decoder rows, encoder = decoder transposed, zero biases.
+        w_dec = torch.randn(d_sae, d_in, dtype=torch.float32)
+        w_dec /= w_dec.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(w_dec.to(dtype=dtype, device=device))
+        self.b_dec = nn.Parameter(torch.zeros(d_in, dtype=dtype, device=device))
+        # Free-form metadata written to cfg.json (model_name, hook_name, activation_scale, context_size, ...).
+        self.cfg: dict[str, Any] = {}
+
+    # ---------------------------------------------------------------- the interface each architecture fills in
+    def encode(self, x: Tensor, grad: Tensor | None = None) -> Tensor:
+        raise NotImplementedError
+
+    def loss(self, x: Tensor, sparsity_coeff: float | None = None, grad: Tensor | None = None,
+             dead_mask: Tensor | None = None) -> SAELoss:
+        raise NotImplementedError
+
+    def latent_params(self) -> dict[str, int]:
+        """Parameter name -> the dimension that indexes latents (for Adam-state resets and resampling)."""
+        raise NotImplementedError
+
+    def fold_activation_scale(self, c: float) -> None:
+        """Trained on c*x: make the SAE work on raw x. Decoder rows stay unit norm; feature values scale by 1/c."""
+        with torch.no_grad():
+            self.b_dec.div_(c)
+        # Recorded for reference only: the saved weights already act on raw activations.
+        self.cfg["activation_scale"] = float(c)
+        self.cfg["activation_scale_folded"] = True
+
+    def options(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.option_names}
+
+    # ---------------------------------------------------------------- shared behaviour
+    def decode(self, f: Tensor) -> Tensor:
+        """x_hat = W_dec^T f + b_dec (paper A eq. 3)."""
+        return f @ self.W_dec + self.b_dec
+
+    def forward(self, x: Tensor, grad: Tensor | None = None) -> Tensor:
+        return self.decode(self.encode(x, grad=grad) if self.needs_grad else self.encode(x))
+
+    def check_input(self, x: Tensor, what: str = "x") -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{type(self).__name__}: {what} must be a torch.Tensor, got {type(x).__name__}")
+        if x.ndim == 0 or x.shape[-1] != self.d_in:
+            raise ValueError(
+                f"{type(self).__name__}: {what} has shape {tuple(x.shape)}; its last dimension must be d_in={self.d_in}"
+            )
+        if not torch.isfinite(x).all():
+            n_nan = int(torch.isnan(x).sum())
+            n_inf = int(torch.isinf(x).sum())
+            raise ValueError(f"{type(self).__name__}: {what} contains non-finite values ({n_nan} NaN, {n_inf} Inf)")
+
+    def resample_latents(self, idx: Tensor, directions: Tensor) -> None:
+        """METHODS.md: decoder row = normalised input; encoder row = same times 0.2 times the mean live encoder
+        norm; the latent's biases = 0. `directions` [len(idx), d_in] need not be normalised."""
+        if not self.supports_resampling:
+            raise NotImplementedError(f"{type(self).__name__} does not resample dead latents")
+        idx = torch.as_tensor(idx, dtype=torch.long, device=self.W_dec.device)
+        if idx.numel() == 0:
+            return
+        dirs = directions.to(self.W_dec.dtype)
+        dirs = dirs / dirs.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        with torch.no_grad():
+            live = torch.ones(self.d_sae, dtype=torch.bool, device=idx.device)
+            live[idx] = False
+            enc_norms = self.W_enc.norm(dim=0)
+            mean_live = enc_norms[live].mean() if live.any() else torch.ones((), device=idx.device)
+            self.W_dec[idx] = dirs
+            self.W_enc[:, idx] = (dirs * 0.2 * mean_live).T.to(self.W_enc.dtype)
+            for name, dim in self.latent_params().items():
+                if name not in ("W_enc", "W_dec"):
+                    getattr(self, name).index_fill_(dim, idx, 0.0)
+
+    def init_b_dec(self, x: Tensor, method: str = "geometric_median", iters: int = 50) -> None:
+        """Set b_dec from data: the geometric median (Weiszfeld iterations) or the mean of a sample."""
+        self.check_input(x)
+        x = x.reshape(-1, self.d_in).float()
+        if method == "mean":
+            center = x.mean(0)
+        elif method == "geometric_median":
+            center = x.mean(0)
+            for _ in range(iters):
+                w = 1.0 / (x - center).norm(dim=1).clamp_min(1e-8)
+                new = (w[:, None] * x).sum(0) / w.sum()
+                if (new - center).norm() < 1e-6 * center.norm().clamp_min(1e-12):
+                    center = new
+                    break
+                center = new
+        else:
+            raise ValueError(f"init_b_dec: unknown method {method!r}; use 'geometric_median' or 'mean'")
+        with torch.no_grad():
+            self.b_dec.copy_(center.to(self.b_dec.dtype))
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+    # ---------------------------------------------------------------- files
+    def cfg_dict(self) -> dict[str, Any]:
+        """cfg.json: SAELens's fields (so the directory opens there) plus saeforge's own, under `saeforge`."""
+        dtype = str(self.W_dec.dtype).removeprefix("torch.")
+        cfg = {
+            "architecture": self.saelens_architecture,
+            "d_in": self.d_in,
+            "d_sae": self.d_sae,
+            "dtype": dtype,
+            "device": "cpu",
+            "apply_b_dec_to_input": True,
+            "normalize_activations": "none",
+            "model_name": self.cfg.get("model_name"),
+            "hook_name": self.cfg.get("hook_name"),
+            "context_size": self.cfg.get("context_size"),
+            "dataset_path": self.cfg.get("dataset"),
+            "prepend_bos": True,
+        }
+        cfg.update({k: v for k, v in self.cfg.items() if k not in cfg})
+        cfg["saeforge"] = {"architecture": self.architecture, "options": self.options(), "version": 1}
+        return cfg
+
+    def save(self, directory: str | os.PathLike, sparsity: Tensor | None = None, n_tokens: int | None = None) -> Path:
+        """Write cfg.json and sae_weights.safetensors (+ sparsity.safetensors with firing counts).
+
+        Each file is written under a temporary name and renamed, so a kill never leaves a half-written file."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        _atomic(directory / WEIGHTS_FILE, lambda p: save_file(tensors, str(p)))
+        if sparsity is not None:
+            counts = sparsity.detach().float().cpu().contiguous()
+            if counts.shape != (self.d_sae,):
+                raise ValueError(f"sparsity (firing counts) must have shape ({self.d_sae},), got {tuple(counts.shape)}")
+            extra = {"firing_counts": counts}
+            if n_tokens:
+                # SAELens reads `sparsity` as log10 firing frequency.
+                extra["sparsity"] = torch.log10(counts / n_tokens + 1e-10)
+                extra["n_tokens"] = torch.tensor([float(n_tokens)])
+            _atomic(directory / SPARSITY_FILE, lambda p: save_file(extra, str(p)))
+        text = json.dumps(self.cfg_dict(), indent=2)
+        _atomic(directory / CFG_FILE, lambda p: p.write_text(text))
+        return directory
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def create_sae(name: str, d_in: int, d_sae: int, **options) -> SAE:
+    """Make an SAE by architecture name: relu, gated, topk, gradient_topk, jumprelu."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown SAE architecture {name!r}; valid architectures are {sorted(REGISTRY)}")
+    return REGISTRY[name](d_in=d_in, d_sae=d_sae, **options)
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+def load_sae(directory: str | os.PathLike, device=None) -> SAE:
+    """Restore an SAE saved by `SAE.save` (cfg.json + sae_weights.safetensors). Never unpickles anything."""
+    directory = Path(directory)
+    cfg_path, weights_path = directory / CFG_FILE, directory / WEIGHTS_FILE
+    for p in (cfg_path, weights_path):
+        if not p.exists():
+            raise FileNotFoundError(f"not an SAE directory: {p} is missing")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_path}: not valid JSON: {e}") from e
+    for key in ("d_in", "d_sae", "dtype"):
+        if key not in cfg:
+            raise ValueError(f"{cfg_path}: missing field {key!r}")
+    meta = cfg.get("saeforge")
+    if not isinstance(meta, dict) or "architecture" not in meta:
+        raise ValueError(f"{cfg_path}: missing field 'saeforge.architecture' (not written by saeforge; "
+                         "use saeforge.interop to convert foreign formats)")
+    name = meta["architecture"]
+    if name not in REGISTRY:
+        raise ValueError(f"{cfg_path}: unknown SAE architecture {name!r}; valid architectures are {sorted(REGISTRY)}")
+    if cfg["dtype"] not in _DTYPES:
+        raise ValueError(f"{cfg_path}: unknown dtype {cfg['dtype']!r}; valid dtypes are {sorted(_DTYPES)}")
+    sae = REGISTRY[name](d_in=cfg["d_in"], d_sae=cfg["d_sae"], dtype=_DTYPES[cfg["dtype"]], **meta.get("options", {}))
+    state = load_file(str(weights_path))
+    expected = sae.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{weights_path}: tensors do not match a {name} SAE: missing {missing}, unexpected {unexpected}")
+    for k, v in state.items():
+        if v.shape != expected[k].shape:
+            raise ValueError(f"{weights_path}: tensor {k!r} has shape {tuple(v.shape)}, "
+                             f"expected {tuple(expected[k].shape)}")
+    sae.load_state_dict(state)
+    saelens_keys = {"architecture", "d_in", "d_sae", "dtype", "device", "apply_b_dec_to_input",
+                    "normalize_activations", "prepend_bos", "saeforge", "dataset_path"}
+    sae.cfg = {k: v for k, v in cfg.items() if k not in saelens_keys}
+    if cfg.get("dataset_path") is not None:
+        sae.cfg["dataset"] = cfg["dataset_path"]
+    return sae.to(device) if device is not None else sae
+
+
+def check_k(k, d_sae: int, name: str = "k") -> int:
+    if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {k!r}")
+    if k > d_sae:
+        raise ValueError(f"{name}={k} is larger than d_sae={d_sae}")
+    return k

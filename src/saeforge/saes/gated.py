@@ -1,0 +1,129 @@
+"""Gated SAE (paper A eqs. 6-8, Appendix G), with the switches of its ablations (§5).
+
+    pi_gate(x) = W_gate (x - b_dec) + b_gate
+    pi_mag(x)  = W_mag  (x - b_dec) + b_mag,   W_mag[i, :] = exp(r_mag[i]) * W_gate[i, :]   (tied)
+    f(x)       = 1[pi_gate(x) > 0] * ReLU(pi_mag(x))
+    L          = ||x - x_hat(f)||^2 + lambda * ||ReLU(pi_gate)||_1 + ||x - (sg(W_dec)^T ReLU(pi_gate) + sg(b_dec))||^2
+
+SAELens stores W_gate as `W_enc` [d_in, d_sae]. The Heaviside passes no gradient, so b_gate learns only from the
+sparsity and auxiliary terms. `GatedSAE.from_relu` builds the "baseline + rescale & shift" ablation.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from saeforge.saes.base import SAE, SAELoss, register, squared_error
+
+
+@register("gated")
+class GatedSAE(SAE):
+    saelens_architecture = "gated"
+    uses_sparsity_coeff = True
+    supports_resampling = True
+    option_names = ("tied", "use_r_mag", "freeze_aux_decoder", "sparsity_penalty", "magnitude_only")
+
+    def __init__(self, d_in: int, d_sae: int, *, tied: bool = True, use_r_mag: bool = True,
+                 freeze_aux_decoder: bool = True, sparsity_penalty: Literal["l1", "l1_decoder_norm"] = "l1",
+                 magnitude_only: bool = False, dtype: torch.dtype = torch.float32, device=None):
+        super().__init__(d_in, d_sae, dtype=dtype, device=device)
+        if sparsity_penalty not in ("l1", "l1_decoder_norm"):
+            raise ValueError(f"GatedSAE: unknown sparsity_penalty {sparsity_penalty!r}; use 'l1' or 'l1_decoder_norm'")
+        if magnitude_only and not (tied and use_r_mag):
+            raise ValueError("GatedSAE: magnitude_only (baseline + rescale & shift) needs tied=True, use_r_mag=True")
+        self.tied, self.use_r_mag, self.freeze_aux_decoder = tied, use_r_mag, freeze_aux_decoder
+        self.sparsity_penalty, self.magnitude_only = sparsity_penalty, magnitude_only
+        self.W_enc = nn.Parameter(self.W_dec.detach().T.clone())  # W_gate
+        self.b_gate = nn.Parameter(torch.zeros(d_sae, dtype=dtype, device=device))
+        self.b_mag = nn.Parameter(torch.zeros(d_sae, dtype=dtype, device=device))
+        r_mag = torch.zeros(d_sae, dtype=dtype, device=device)
+        if use_r_mag:
+            self.r_mag = nn.Parameter(r_mag)
+        else:
+            self.register_buffer("r_mag", r_mag)  # fixed at 0: the two paths differ only by their biases
+        if not tied:
+            self.W_mag = nn.Parameter(self.W_dec.detach().T.clone())
+        if magnitude_only:
+            # Only r_mag and b_mag learn; the gate, decoder and b_dec are those of a trained baseline.
+            for p in (self.W_enc, self.b_gate, self.W_dec, self.b_dec):
+                p.requires_grad_(False)
+
+    @classmethod
+    def from_relu(cls, relu: SAE) -> "GatedSAE":
+        """Paper A's "baseline + rescale & shift": freeze a trained ReLU SAE, learn only r_mag and b_mag.
+        gate = 1[W_enc(x - b_dec) + b_enc > 0], magnitude = ReLU(exp(r_mag) * W_enc(x - b_dec) + b_mag)."""
+        if relu.architecture != "relu":
+            raise ValueError(f"from_relu needs a relu SAE, got {relu.architecture!r}")
+        sae = cls(relu.d_in, relu.d_sae, magnitude_only=True, dtype=relu.W_dec.dtype, device=relu.W_dec.device)
+        with torch.no_grad():
+            sae.W_enc.copy_(relu.W_enc)
+            sae.b_gate.copy_(relu.b_enc)
+            sae.b_mag.copy_(relu.b_enc)  # starts as the baseline itself
+            sae.W_dec.copy_(relu.W_dec)
+            sae.b_dec.copy_(relu.b_dec)
+        sae.cfg = dict(relu.cfg)
+        return sae
+
+    @property
+    def constrain_decoder_norm(self) -> bool:
+        return self.sparsity_penalty == "l1" and not self.magnitude_only
+
+    def _pre_acts(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        self.check_input(x)
+        x_c = x - self.b_dec  # the input side of b_dec is never frozen
+        pre_gate = x_c @ self.W_enc
+        pi_gate = pre_gate + self.b_gate
+        if self.tied:
+            pi_mag = pre_gate * torch.exp(self.r_mag) + self.b_mag  # W_mag = diag(exp(r_mag)) W_gate
+        else:
+            pi_mag = x_c @ self.W_mag + self.b_mag
+        return pi_gate, pi_mag
+
+    def encode(self, x: Tensor, grad: Tensor | None = None) -> Tensor:
+        pi_gate, pi_mag = self._pre_acts(x)
+        return (pi_gate > 0).to(pi_mag.dtype) * torch.relu(pi_mag)  # eq. 6
+
+    def loss(self, x, sparsity_coeff=None, grad=None, dead_mask=None) -> SAELoss:
+        pi_gate, pi_mag = self._pre_acts(x)
+        f = (pi_gate > 0).to(pi_mag.dtype) * torch.relu(pi_mag)
+        x_hat = self.decode(f)
+        recon = squared_error(x, x_hat)
+        zero = torch.zeros_like(recon)
+        if self.magnitude_only:  # the rescale & shift ablation trains on reconstruction alone
+            return SAELoss(recon, recon, zero, zero, f, x_hat)
+        if sparsity_coeff is None:
+            raise ValueError("GatedSAE.loss needs sparsity_coeff (lambda in paper A eq. 8)")
+        via_gate = torch.relu(pi_gate)
+        W_dec = self.W_dec.detach() if self.freeze_aux_decoder else self.W_dec
+        b_dec = self.b_dec.detach() if self.freeze_aux_decoder else self.b_dec
+        if self.sparsity_penalty == "l1":
+            sparsity = via_gate.float().sum(-1).mean()
+        else:
+            # Decoder-norm-weighted L1: the decoder is frozen here exactly when it is frozen in the aux term.
+            sparsity = (via_gate.float() * W_dec.float().norm(dim=1)).sum(-1).mean()
+        aux = squared_error(x, via_gate @ W_dec + b_dec)  # eq. 8, third term
+        total = recon + sparsity_coeff * sparsity + aux
+        return SAELoss(total, recon, sparsity, aux, f, x_hat)
+
+    def latent_params(self) -> dict[str, int]:
+        params = {"W_enc": 1, "b_gate": 0, "b_mag": 0, "W_dec": 0}
+        if self.use_r_mag:
+            params["r_mag"] = 0
+        if not self.tied:
+            params["W_mag"] = 1
+        return params
+
+    def resample_latents(self, idx, directions) -> None:
+        super().resample_latents(idx, directions)  # W_enc (gate), W_dec, and zero b_gate, b_mag, r_mag
+        if not self.tied:
+            with torch.no_grad():
+                self.W_mag[:, idx] = self.W_enc[:, idx]
+
+    def fold_activation_scale(self, c: float) -> None:
+        with torch.no_grad():
+            self.b_gate.div_(c)
+            self.b_mag.div_(c)
+        super().fold_activation_scale(c)

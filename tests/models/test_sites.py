@@ -135,3 +135,11 @@ def test_family_metadata(tiny_lm_factory):
         assert lm.bos_token_id == lm.tokenizer.bos_token_id
         assert lm.tokenizer("hi").input_ids[0] == lm.bos_token_id
         assert lm.unembed().shape == (64, lm.vocab_size) and lm.unembed().dtype == torch.float32
+
+
+def test_raw_path_outside_the_blocks(tiny_lm_factory):
+    lm = tiny_lm_factory("gpt2")
+    tokens, mask = batch(lm)
+    acts = lm.capture(tokens, ["lm_head"], attention_mask=mask)
+    with torch.no_grad():
+        torch.testing.assert_close(acts["lm_head"], lm.forward(tokens, attention_mask=mask))

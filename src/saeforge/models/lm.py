@@ -247,7 +247,7 @@ class LanguageModel:
 
         with torch.no_grad(), self._hooks({site: make(site) for site in sites}):
             try:
-                self._backbone(**inputs)
+                self.model(**inputs)  # the whole model, so a raw path such as lm_head is reachable too
             except _StopForward:
                 pass
         _check_reached(sites, acts)

@@ -1,0 +1,112 @@
+"""Harvest speed: capture() at a mid-depth site of the embedded model against the model's own forward passes.
+
+Prints JSON. For fp32 and bf16, tokens/s of
+  full_forward      the whole model with its 262k-token unembedding (what a naive harvest without early stop pays),
+  truncated_forward a copy of the model cut after the site's block (the floor for a harvest of that site),
+  capture           lm.capture(tokens, [site]) (hooks + early stop),
+  capture_grad      lm.capture(tokens, [site], grad=True) (full forward and backward to the site),
+and capture_over_truncated = time(capture) / time(truncated_forward); the target is at most 1.05.
+The timings interleave the variants and keep each one's fastest repeat, since the machine is shared.
+
+Usage: PYTHONPATH=src python benchmarks/harvest.py [--batch 4] [--seq 128] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+
+import torch
+import torch.nn as nn
+
+from saeforge.models import load_lm
+
+
+def truncated_backbone(lm, last_block: int) -> nn.Module:
+    """A copy of the backbone that shares its weights but has only blocks 0..last_block."""
+    backbone = lm.model.base_model
+    cut = copy.copy(backbone)
+    cut._modules = dict(backbone._modules)
+    cut._modules["layers"] = nn.ModuleList(list(backbone.layers)[: last_block + 1])
+    return cut
+
+
+def best_seconds(fns: dict, repeats: int) -> dict:
+    """Fastest wall time of each function, running them interleaved after one warm-up each."""
+    for fn in fns.values():
+        fn()
+    best = {name: float("inf") for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def measure(dtype: torch.dtype, site: str, block: int, batch: int, seq: int, repeats: int, grad_repeats: int) -> dict:
+    lm = load_lm("embedded", dtype=dtype)
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(3, lm.vocab_size, (batch, seq), generator=generator)
+    tokens[:, 0] = lm.bos_token_id
+    cut = truncated_backbone(lm, block)
+
+    # Check before timing: the capture is the model's own residual stream, and the cut model computes the same
+    # blocks (its output is the final norm of the captured activation).
+    with torch.no_grad():
+        acts = lm.capture(tokens, [site])[site]
+        reference = lm.model(input_ids=tokens, use_cache=False, output_hidden_states=True).hidden_states
+        cut_out = cut(input_ids=tokens, use_cache=False).last_hidden_state
+    assert torch.equal(acts, reference[block + 1])
+    torch.testing.assert_close(cut_out, lm.model.base_model.norm(acts))
+
+    def full():
+        with torch.no_grad():
+            lm.model(input_ids=tokens, use_cache=False)
+
+    def truncated():
+        with torch.no_grad():
+            cut(input_ids=tokens, use_cache=False)
+
+    def capture():
+        lm.capture(tokens, [site])
+
+    def capture_grad():
+        lm.capture(tokens, [site], grad=True)
+
+    times = best_seconds({"truncated_forward": truncated, "capture": capture, "full_forward": full}, repeats)
+    times.update(best_seconds({"capture_grad": capture_grad}, grad_repeats))
+    n = batch * seq
+    return {
+        "tokens_per_s": {name: round(n / seconds, 1) for name, seconds in times.items()},
+        "capture_over_truncated": round(times["capture"] / times["truncated_forward"], 4),
+        "full_over_capture": round(times["full_forward"] / times["capture"], 3),
+        "capture_grad_over_capture": round(times["capture_grad"] / times["capture"], 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--block", type=int, default=9)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--grad-repeats", type=int, default=2)
+    args = parser.parse_args()
+    site = f"blocks.{args.block}.resid_post"
+    result = {
+        "model": "embedded (Gemma 3 270M, dequantised Q4_K_M)",
+        "site": site,
+        "batch": args.batch,
+        "seq": args.seq,
+        "torch_threads": torch.get_num_threads(),
+    }
+    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        result[name] = measure(dtype, site, args.block, args.batch, args.seq, args.repeats, args.grad_repeats)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -60,6 +60,12 @@ def test_unconstrained_parameters_follow_torch_adam():
         opt.step()
         ref_opt.step()
     torch.testing.assert_close(ours.detach(), ref.detach(), rtol=1e-6, atol=1e-7)
+    # The first step of Adam moves each entry by lr * g / (|g| + eps) (bias-corrected moments are g and g^2).
+    p = torch.nn.Parameter(torch.zeros(5))
+    opt = ConstrainedAdam([p], lr=0.1, betas=(0.0, 0.999))
+    p.grad = torch.tensor([2.0, -0.5, 1e-3, 0.0, -3.0])
+    opt.step()
+    torch.testing.assert_close(p.detach(), -0.1 * p.grad / (p.grad.abs() + 1e-8))
 
 
 def test_reset_rows_and_named_state_round_trip():

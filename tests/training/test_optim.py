@@ -68,6 +68,24 @@ def test_unconstrained_parameters_follow_torch_adam():
     torch.testing.assert_close(p.detach(), -0.1 * p.grad / (p.grad.abs() + 1e-8))
 
 
+def test_transposed_parameters_and_restored_state_update_correctly():
+    # An encoder made as W_dec.T.clone() is column-major; its moments come back from a checkpoint row-major.
+    base = torch.randn(6, 4, generator=torch.Generator().manual_seed(8))
+    ours, ref = torch.nn.Parameter(base.T.clone()), torch.nn.Parameter(base.T.clone())
+    opt = ConstrainedAdam([ours], lr=0.1, betas=(0.9, 0.999))
+    ref_opt = torch.optim.Adam([ref], lr=0.1, betas=(0.9, 0.999), foreach=False)
+    for i in range(6):
+        g = torch.randn(4, 6, generator=torch.Generator().manual_seed(i))
+        ours.grad, ref.grad = g.clone(), g.T.contiguous().T  # the gradient in either layout
+        opt.step()
+        ref_opt.step()
+        if i == 2:
+            flat = {k: v.contiguous().clone() for k, v in opt.named_state({id(ours): "W_enc"}).items()}
+            opt = ConstrainedAdam([ours], lr=0.1, betas=(0.9, 0.999))
+            opt.load_named_state(flat, {"W_enc": ours})
+    torch.testing.assert_close(ours.detach(), ref.detach(), rtol=1e-6, atol=1e-7)
+
+
 def test_reset_rows_and_named_state_round_trip():
     w_enc = torch.nn.Parameter(torch.randn(4, 10))
     w_dec = unit_rows(10, 4, 5)

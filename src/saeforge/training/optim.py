@@ -51,6 +51,12 @@ class ConstrainedAdam(torch.optim.Adam):
         params = list(params)
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
             raise ValueError(f"Adam betas must lie in [0, 1), got {betas}")
+        # torch's fused kernel walks parameter, gradient and moments as flat memory, so all four must share one
+        # layout; a transposed parameter (an encoder made as W_dec.T.clone()) with moments restored from a
+        # checkpoint (contiguous) would be updated with mismatched entries. Hold everything contiguous.
+        for p in params:
+            if not p.is_contiguous():
+                p.data = p.data.contiguous()
         super().__init__(params, lr=lr, betas=tuple(betas), eps=eps, fused=True if _fusable(params) else None)
         self.unit_norm_rows = list(unit_norm_rows)
         known = {id(p) for p in params}
@@ -66,6 +72,10 @@ class ConstrainedAdam(torch.optim.Adam):
     def step(self, closure=None):
         if closure is not None:
             raise ValueError("ConstrainedAdam.step takes no closure")
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and not p.grad.is_contiguous():
+                    p.grad = p.grad.contiguous()
         for w in self.unit_norm_rows:
             if w.grad is not None:
                 project_out_radial_grad(w, w.grad)

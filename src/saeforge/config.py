@@ -255,13 +255,13 @@ class EvalConfig:
     ablation: tuple[str, ...] = ("zero", "mean")  # loss recovered against each of these ablations
     dense_threshold: float = 0.1  # a latent is dense when it fires on more than this fraction of tokens
     analyses: bool = True  # paper B: decoder max-cosine histogram, directional derivatives
-    analysis_batches: int = 4  # eval batches whose site gradients feed the directional-derivative analysis
+    analysis_batches: int = 2  # eval batches whose site gradients feed the directional-derivative analysis
     ito: tuple[int, ...] = ()  # L0 targets for inference-time optimisation (gradient pursuit)
     steering: bool = False  # paper B section 4.2 steering measurement
-    steering_latents: int = 32  # alive latents sampled per SAE
+    steering_latents: int = 16  # alive latents sampled per SAE (each costs steering_contexts forward passes)
     steering_top_tokens: int = 10  # n: the tokens with largest W_U^T d_i count as on-target
     steering_alpha: Optional[float] = None  # added norm; None = the mean activation norm at the site
-    steering_contexts: int = 10  # eval contexts the probability change is averaged over
+    steering_contexts: int = 4  # eval contexts the probability change is averaged over
     grid_architectures: tuple[str, ...] = ()
     grid_sparsity_coeffs: tuple[float, ...] = ()
     grid_k: tuple[int, ...] = ()

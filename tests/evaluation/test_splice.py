@@ -53,7 +53,7 @@ def test_identity_recovers_all_and_ablations_recover_nothing(lm, contexts):
     zero = LinearDictionary(torch.zeros(d, d), eye, torch.zeros(d))
     mean = LinearDictionary(torch.zeros(d, d), eye, torch.zeros(d))
     base = baseline_losses(lm, SITE, list(contexts.split(4)))
-    mean.b_dec = base.mean_act.clone()
+    mean.b_dec = base.stats.mean.clone()
     rows = evaluate_saes(lm, [identity, zero, mean], SITE, contexts, batch_size=4, analyses=False, progress=False)
     ident, z, m = rows
     assert ident["loss_recovered_zero"] == pytest.approx(1.0, abs=1e-6)
@@ -79,14 +79,51 @@ def test_clean_loss_matches_the_models_own_loss(lm, contexts):
     assert own == pytest.approx(expected, rel=1e-5)
 
 
+class ForwardCounter:
+    """Counts the full forward passes of a real model (capture passes are not counted)."""
+
+    def __init__(self, lm):
+        self.lm, self.calls, self.original = lm, 0, lm.forward
+
+    def __enter__(self):
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return self.original(*args, **kwargs)
+
+        self.lm.forward = counted
+        return self
+
+    def __exit__(self, *exc):
+        del self.lm.forward
+
+
 def test_baselines_are_cached_per_model_site_and_tokens(lm, contexts):
-    batches = list(contexts.split(4))
-    first = baseline_losses(lm, SITE, batches)
-    assert baseline_losses(lm, SITE, batches) is first
-    assert baseline_losses(lm, "blocks.0.resid_post", batches) is not first
-    other = contexts.clone()
-    other[:, -1] = (other[:, -1] + 1) % lm.vocab_size
-    assert baseline_losses(lm, SITE, list(other.split(4))) is not first
+    batches = list(contexts.split(4))  # two batches
+    with ForwardCounter(lm) as count:
+        first = baseline_losses(lm, "blocks.2.resid_post", batches)
+    assert count.calls == 2 * 3  # clean, zero- and mean-ablated
+    with ForwardCounter(lm) as count:
+        again = baseline_losses(lm, "blocks.2.resid_post", batches)
+    assert count.calls == 0 and again == first
+    with ForwardCounter(lm) as count:
+        baseline_losses(lm, "blocks.0.resid_post", batches)
+        other = contexts.clone()
+        other[:, -1] = (other[:, -1] + 1) % lm.vocab_size
+        baseline_losses(lm, "blocks.2.resid_post", list(other.split(4)))
+    assert count.calls == 2 * 2 * 3
+
+
+def test_evaluation_shares_clean_and_ablated_passes_between_saes(lm, contexts):
+    d = lm.site_dim("blocks.0.mlp_out")
+    torch.manual_seed(0)
+    saes = [create_sae("relu", d_in=d, d_sae=2 * d) for _ in range(3)]
+    kwargs = dict(batch_size=3, analyses=False, progress=False)
+    with ForwardCounter(lm) as count:
+        evaluate_saes(lm, saes, "blocks.0.mlp_out", contexts, **kwargs)
+    assert count.calls == 2 * (2 + 1 + 3)  # per batch: 2 ablations, 1 clean (acts and KL), 1 per SAE
+    with ForwardCounter(lm) as count:
+        evaluate_saes(lm, saes[:1], "blocks.0.mlp_out", contexts, **kwargs)
+    assert count.calls == 2 * (1 + 1)  # the ablations come from the cache
 
 
 def test_real_saes_report_every_metric_and_bad_width_is_refused(lm, contexts):

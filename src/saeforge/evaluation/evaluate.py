@@ -33,7 +33,16 @@ from saeforge.evaluation.metrics import (
     loss_added,
     loss_recovered,
 )
-from saeforge.evaluation.splice import baseline_losses, kl_to_clean, next_token_ce, recorder, replace_at, splice_mask
+from saeforge.evaluation.splice import (
+    ablated_losses,
+    kl_to_clean,
+    next_token_ce,
+    record_clean_loss,
+    recorder,
+    replace_at,
+    site_statistics,
+    splice_mask,
+)
 from saeforge.evaluation.steering import steering_effects
 
 # Directions per set for the directional-derivative analysis (random sets, and decoder rows sampled when wider).
@@ -106,10 +115,12 @@ def evaluate_saes(lm, saes: Iterable[Union[str, Path, torch.nn.Module]], site: s
     entries += [(GradientPursuitSAE(sae, k), f"{name}@ito{k}", path) for sae, name, path in loaded for k in cfg.ito]
 
     batches = _as_batches(contexts, cfg.batch_size, lm.device)
-    bar = tqdm(total=len(batches) * (1 + len(cfg.ablation)), desc="eval: clean and ablated loss",
+    stats = site_statistics(lm, site, batches, keep_bos=keep_bos)
+    bar = tqdm(total=len(batches) * len(cfg.ablation), desc="eval: ablated loss (once per eval set)",
                disable=not progress, file=sys.stderr)
-    base = baseline_losses(lm, site, batches, keep_bos=keep_bos, ablations=tuple(cfg.ablation), progress=bar)
+    ce_ablated = ablated_losses(lm, site, batches, tuple(cfg.ablation), keep_bos=keep_bos, progress=bar)
     bar.close()
+    clean = LossStats()
 
     gen = torch.Generator().manual_seed(seed)
     recon = [ReconstructionStats() for _ in entries]
@@ -119,7 +130,7 @@ def evaluate_saes(lm, saes: Iterable[Union[str, Path, torch.nn.Module]], site: s
     if analyse:
         d = d_site
         reference = {"random": DirectionalDerivatives(isotropic_directions(N_DIRECTIONS, d, gen)),
-                     "covariance_matched": DirectionalDerivatives(covariance_matched_directions(base.cov_act, N_DIRECTIONS, gen))}
+                     "covariance_matched": DirectionalDerivatives(covariance_matched_directions(stats.cov, N_DIRECTIONS, gen))}
         along_decoder = []
         for sae, _, _ in loaded:
             rows = torch.randperm(sae.d_sae, generator=gen)[:N_DIRECTIONS].sort().values
@@ -137,6 +148,7 @@ def evaluate_saes(lm, saes: Iterable[Union[str, Path, torch.nn.Module]], site: s
         with torch.no_grad():
             store: dict = {}
             clean_logits = lm.forward(tokens, edits={site: recorder(store)})
+            clean.update(next_token_ce(clean_logits, tokens))
             if analyse and bi < cfg.analysis_batches:
                 g_cpu = grads.cpu()
                 for dd in list(reference.values()) + along_decoder:
@@ -155,6 +167,7 @@ def evaluate_saes(lm, saes: Iterable[Union[str, Path, torch.nn.Module]], site: s
                 losses[j].update(next_token_ce(logits, tokens), kl_to_clean(logits, clean_logits))
                 del logits
             del clean_logits
+    record_clean_loss(lm, site, batches, keep_bos, clean.ce)
 
     results = []
     for j, (sae, name, path) in enumerate(entries):
@@ -163,14 +176,14 @@ def evaluate_saes(lm, saes: Iterable[Union[str, Path, torch.nn.Module]], site: s
         row.update({
             "eval_contexts": sum(b.shape[0] for b in batches),
             "eval_tokens": firing[j].n,
-            "ce_clean": base.ce_clean,
+            "ce_clean": clean.ce,
             "ce_spliced": ce,
             "kl_div": losses[j].kl,
-            "l_added": loss_added(base.ce_clean, ce),
+            "l_added": loss_added(clean.ce, ce),
         })
-        for kind, ce_ablated in base.ce_ablated.items():
-            row[f"ce_{kind}_ablation"] = ce_ablated
-            row[f"loss_recovered_{kind}"] = loss_recovered(base.ce_clean, ce, ce_ablated)
+        for kind, ce_abl in ce_ablated.items():
+            row[f"ce_{kind}_ablation"] = ce_abl
+            row[f"loss_recovered_{kind}"] = loss_recovered(clean.ce, ce, ce_abl)
         row.update(recon[j].result())
         row.update(firing[j].result(cfg.dense_threshold))
         if analyse and j < len(loaded):
@@ -183,19 +196,20 @@ def evaluate_saes(lm, saes: Iterable[Union[str, Path, torch.nn.Module]], site: s
                 "tokens": along_decoder[j].tokens,
             }
         if cfg.steering and j < len(loaded):
-            row["steering"] = _steer(lm, sae, site, batches, firing[j], base, cfg, keep_bos, gen)
+            row["steering"] = _steer(lm, sae, site, batches, firing[j], stats.mean_norm, cfg, keep_bos, gen)
         results.append(row)
     return results
 
 
-def _steer(lm, sae, site, batches, firing: FiringStats, base, cfg: EvalConfig, keep_bos: bool, gen) -> dict:
+def _steer(lm, sae, site, batches, firing: FiringStats, mean_norm: float, cfg: EvalConfig, keep_bos: bool,
+           gen) -> dict:
     """Paper B §4.2 on a seeded sample of the latents alive on the evaluation set."""
     alive = torch.nonzero(firing.frequencies() > 0).flatten()
     if alive.numel() == 0:
         return {"error": "no latent fired on the evaluation tokens"}
     pick = alive[torch.randperm(alive.numel(), generator=gen)[: cfg.steering_latents]].sort().values
     contexts = torch.cat(batches)[: cfg.steering_contexts]
-    alpha = cfg.steering_alpha if cfg.steering_alpha is not None else base.mean_norm
+    alpha = cfg.steering_alpha if cfg.steering_alpha is not None else mean_norm
     try:
         return steering_effects(lm, sae.W_dec.detach(), site, contexts, pick.tolist(), alpha=alpha,
                                 top_tokens=cfg.steering_top_tokens, keep_bos=keep_bos, batch_size=cfg.batch_size)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -77,71 +77,97 @@ def kl_to_clean(logits: Tensor, clean_logits: Tensor) -> Tensor:
 
 
 @dataclass
+class SiteStats:
+    """Statistics of the site activation over the spliced positions of an evaluation set."""
+
+    mean: Tensor  # [d] (the mean-ablation value)
+    cov: Tensor  # [d, d] (for covariance-matched random directions)
+    mean_norm: float  # mean ||x||
+    n_positions: int
+
+
+@dataclass
 class Baseline:
     """Everything about an evaluation set that does not depend on the SAE."""
 
     ce_clean: float
     ce_ablated: dict[str, float]  # "zero" / "mean" -> CE with the site ablated at the spliced positions
-    mean_act: Tensor  # [d] mean site activation over the spliced positions (the mean-ablation value)
-    cov_act: Tensor  # [d, d] their covariance (for covariance-matched random directions)
-    mean_norm: float  # mean ||x|| over the spliced positions
-    n_positions: int  # spliced positions (SAE inputs)
-    extras: dict = field(default_factory=dict)  # SAE-independent analyses, filled by their owners
+    stats: SiteStats
 
 
-# lm.model (weakly) -> {(site, tokens digest, keep_bos, ablations): Baseline}
+# lm.model (weakly) -> {(site, tokens digest, keep_bos): {"stats": SiteStats, "clean": float, "zero"/"mean": float}}
 _CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def tokens_digest(tokens: Tensor) -> str:
-    return hashlib.sha1(tokens.detach().cpu().contiguous().numpy().tobytes() + str(tuple(tokens.shape)).encode()).hexdigest()
+def _entry(lm, site: str, batches: list[Tensor], keep_bos: bool) -> dict:
+    tokens = torch.cat([b.reshape(-1) for b in batches]).detach().cpu().contiguous()
+    digest = hashlib.sha1(tokens.numpy().tobytes() + str([tuple(b.shape) for b in batches]).encode()).hexdigest()
+    return _CACHE.setdefault(lm.model, {}).setdefault((site, digest, keep_bos), {})
+
+
+@torch.no_grad()
+def site_statistics(lm, site: str, batches: list[Tensor], *, keep_bos: bool = False) -> SiteStats:
+    """Mean, covariance and mean norm of the site activation (a capture pass that stops at the site); cached."""
+    entry = _entry(lm, site, batches, keep_bos)
+    if "stats" not in entry:
+        n, sum_x, sum_xx, sum_norm = 0, 0.0, 0.0, 0.0
+        for tokens in batches:
+            x = lm.capture(tokens, [site])[site][splice_mask(lm, tokens, keep_bos)].double().cpu()
+            n += x.shape[0]
+            sum_x = sum_x + x.sum(0)
+            sum_xx = sum_xx + x.T @ x
+            sum_norm += float(x.norm(dim=-1).sum())
+        if n == 0:
+            raise ValueError("evaluation set has no positions to splice (every token is BOS or padding)")
+        mean = sum_x / n
+        entry["stats"] = SiteStats(mean=mean.float(), cov=(sum_xx / n - torch.outer(mean, mean)).float(),
+                                   mean_norm=sum_norm / n, n_positions=n)
+    return entry["stats"]
+
+
+@torch.no_grad()
+def ablated_losses(lm, site: str, batches: list[Tensor], kinds: tuple[str, ...] = ("zero", "mean"), *,
+                   keep_bos: bool = False, progress=None) -> dict[str, float]:
+    """Mean next-token CE with the site zero- or mean-ablated at the spliced positions; cached per kind."""
+    entry = _entry(lm, site, batches, keep_bos)
+    for kind in kinds:
+        if kind not in ("zero", "mean"):
+            raise ValueError(f"unknown ablation {kind!r}; use 'zero' or 'mean'")
+        if kind in entry:
+            continue
+        mean = site_statistics(lm, site, batches, keep_bos=keep_bos).mean
+        value = torch.zeros_like(mean) if kind == "zero" else mean
+        total, count = 0.0, 0
+        for tokens in batches:
+            edit = replace_at(splice_mask(lm, tokens, keep_bos),
+                              lambda a, v=value: v.to(device=a.device, dtype=a.dtype).expand_as(a))
+            ce = next_token_ce(lm.forward(tokens, edits={site: edit}), tokens)
+            total, count = total + float(ce.double().sum()), count + ce.numel()
+            if progress is not None:
+                progress.update(1)
+        entry[kind] = total / count
+    return {kind: entry[kind] for kind in kinds}
+
+
+@torch.no_grad()
+def clean_loss(lm, site: str, batches: list[Tensor], *, keep_bos: bool = False) -> float:
+    """Mean next-token CE of the unmodified model on the evaluation set; cached (evaluate_saes records it from the
+    clean forward it runs anyway for the KL)."""
+    entry = _entry(lm, site, batches, keep_bos)
+    if "clean" not in entry:
+        ce = torch.cat([next_token_ce(lm.forward(tokens), tokens).flatten() for tokens in batches])
+        entry["clean"] = float(ce.double().mean())
+    return entry["clean"]
+
+
+def record_clean_loss(lm, site: str, batches: list[Tensor], keep_bos: bool, value: float) -> None:
+    _entry(lm, site, batches, keep_bos).setdefault("clean", value)
 
 
 def baseline_losses(lm, site: str, batches: list[Tensor], *, keep_bos: bool = False,
                     ablations: tuple[str, ...] = ("zero", "mean"), progress=None) -> Baseline:
-    """Clean and ablated CE of an evaluation set (and the site's activation statistics), computed once per
-    (model, site, tokens, keep_bos) and reused for every SAE evaluated on it."""
-    key = (site, tokens_digest(torch.cat([b.reshape(-1) for b in batches])), keep_bos, tuple(sorted(ablations)))
-    per_model = _CACHE.setdefault(lm.model, {})
-    if key in per_model:
-        return per_model[key]
-
-    clean_sum, n_pred = 0.0, 0
-    n, sum_x, sum_xx, sum_norm = 0, None, None, 0.0
-    with torch.no_grad():
-        # Pass 1: clean loss and activation statistics, from one forward per batch.
-        for tokens in batches:
-            store: dict = {}
-            logits = lm.forward(tokens, edits={site: recorder(store)})
-            ce = next_token_ce(logits, tokens)
-            clean_sum += float(ce.double().sum())
-            n_pred += ce.numel()
-            x = store["act"][splice_mask(lm, tokens, keep_bos)].double().cpu()
-            n += x.shape[0]
-            sum_x = x.sum(0) if sum_x is None else sum_x + x.sum(0)
-            sum_xx = x.T @ x if sum_xx is None else sum_xx + x.T @ x
-            sum_norm += float(x.norm(dim=-1).sum())
-            if progress is not None:
-                progress.update(1)
-        if n == 0:
-            raise ValueError("evaluation set has no positions to splice (every token is BOS or padding)")
-        mean = sum_x / n
-        cov = sum_xx / n - torch.outer(mean, mean)
-        # Pass 2: ablations need the mean, so they come after pass 1.
-        ce_ablated = {}
-        for kind in ablations:
-            if kind not in ("zero", "mean"):
-                raise ValueError(f"unknown ablation {kind!r}; use 'zero' or 'mean'")
-            total = 0.0
-            for tokens in batches:
-                value = torch.zeros_like(mean) if kind == "zero" else mean
-                edit = replace_at(splice_mask(lm, tokens, keep_bos),
-                                  lambda a, v=value: v.to(device=a.device, dtype=a.dtype).expand_as(a))
-                total += float(next_token_ce(lm.forward(tokens, edits={site: edit}), tokens).double().sum())
-                if progress is not None:
-                    progress.update(1)
-            ce_ablated[kind] = total / n_pred
-    result = Baseline(ce_clean=clean_sum / n_pred, ce_ablated=ce_ablated, mean_act=mean.float(), cov_act=cov.float(),
-                      mean_norm=sum_norm / n, n_positions=n)
-    per_model[key] = result
-    return result
+    """Clean and ablated CE and the site statistics of an evaluation set, each computed once per (model, site,
+    tokens, keep_bos) and reused for every SAE evaluated on it."""
+    return Baseline(ce_clean=clean_loss(lm, site, batches, keep_bos=keep_bos),
+                    ce_ablated=ablated_losses(lm, site, batches, ablations, keep_bos=keep_bos, progress=progress),
+                    stats=site_statistics(lm, site, batches, keep_bos=keep_bos))

@@ -40,7 +40,7 @@ def demo_table(rows: list[dict]) -> str:
     lines = [head, "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['name']} | {r['d_sae']} | {r['l0']:.1f} | {r['loss_recovered_zero']:.3f} | "
-                     f"{r['loss_recovered_mean']:.3f} | {r['gamma']:.3f} | {r['dead_frac']:.3f} |")
+                     f"{r['loss_recovered_mean']:.3f} | {r['gamma']:.3f} | {r['dead_fraction']:.3f} |")
     return "\n".join(lines)
 
 

@@ -160,6 +160,10 @@ def test_saved_files_use_saelens_names_and_shapes(tmp_path):
         "W_enc": (8, 24), "b_gate": (24,), "r_mag": (24,), "b_mag": (24,), "W_dec": (24, 8), "b_dec": (8,)}
     cfg = json.loads((tmp_path / "g" / "cfg.json").read_text())
     assert cfg["architecture"] == "gated" and cfg["d_in"] == 8 and cfg["d_sae"] == 24
+    assert cfg["metadata"]["hook_name"] is None and cfg["apply_b_dec_to_input"] is True
+    sf.TopKSAE(d_in=8, d_sae=24, k=3).save(tmp_path / "t")
+    cfg = json.loads((tmp_path / "t" / "cfg.json").read_text())
+    assert cfg["architecture"] == "topk" and cfg["k"] == 3
     sf.ReluSAE(d_in=8, d_sae=24).save(tmp_path / "r")
     assert set(load_file(str(tmp_path / "r" / "sae_weights.safetensors"))) == {"W_enc", "b_enc", "W_dec", "b_dec"}
 

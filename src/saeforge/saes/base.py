@@ -92,6 +92,10 @@ class SAE(nn.Module):
         self.cfg["activation_scale"] = float(c)
         self.cfg["activation_scale_folded"] = True
 
+    def saelens_fields(self) -> dict[str, Any]:
+        """Architecture-specific fields of SAELens's config (e.g. TopK's `k`)."""
+        return {}
+
     def options(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.option_names}
 
@@ -177,7 +181,12 @@ class SAE(nn.Module):
             "context_size": self.cfg.get("context_size"),
             "dataset_path": self.cfg.get("dataset"),
             "prepend_bos": True,
+            "reshape_activations": "none",
+            **self.saelens_fields(),
         }
+        # SAELens 6 reads these under `metadata`; older versions read them at the top level (kept above).
+        cfg["metadata"] = {key: cfg[key] for key in ("model_name", "hook_name", "context_size", "dataset_path",
+                                                     "prepend_bos")}
         cfg.update({k: v for k, v in self.cfg.items() if k not in cfg})
         cfg["saeforge"] = {"architecture": self.architecture, "options": self.options(), "version": 1}
         return cfg
@@ -260,8 +269,9 @@ def load_sae(directory: str | os.PathLike, device=None) -> SAE:
             raise ValueError(f"{weights_path}: tensor {k!r} has shape {tuple(v.shape)}, "
                              f"expected {tuple(expected[k].shape)}")
     sae.load_state_dict(state)
-    saelens_keys = {"architecture", "d_in", "d_sae", "dtype", "device", "apply_b_dec_to_input",
-                    "normalize_activations", "prepend_bos", "saeforge", "dataset_path"}
+    saelens_keys = {"architecture", "d_in", "d_sae", "dtype", "device", "apply_b_dec_to_input", "k",
+                    "normalize_activations", "prepend_bos", "saeforge", "dataset_path", "reshape_activations",
+                    "metadata"}
     sae.cfg = {k: v for k, v in cfg.items() if k not in saelens_keys}
     if cfg.get("dataset_path") is not None:
         sae.cfg["dataset"] = cfg["dataset_path"]

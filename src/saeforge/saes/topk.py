@@ -29,6 +29,9 @@ class TopKSAE(SAE):
         self.W_enc = nn.Parameter(self.W_dec.detach().T.clone())
         self.b_enc = nn.Parameter(torch.zeros(d_sae, dtype=dtype, device=device))
 
+    def saelens_fields(self) -> dict:
+        return {"k": self.k}
+
     def pre_acts(self, x: Tensor) -> Tensor:
         self.check_input(x)
         return torch.relu((x - self.b_dec) @ self.W_enc + self.b_enc)

@@ -145,8 +145,21 @@ class Trainer:
                 seed=_seed_for(train.seed + 1, name),
             )
 
+    def _model_name(self) -> str:
+        """The LM's own name: of the LM passed in, else the one the stream loaded or the cache recorded, else the
+        config's spec."""
+        blocks = getattr(self.stream, "blocks", None)
+        live_lm = getattr(blocks, "lm", None)
+        cache = getattr(blocks, "cache", None)
+        manifest = getattr(cache, "manifest", None) or {}
+        for name in (getattr(self.lm, "name", None), getattr(self.stream, "model_name", None),
+                     getattr(live_lm, "name", None), manifest.get("model")):
+            if isinstance(name, str) and name:
+                return name
+        return self.cfg.model.name
+
     def _metadata(self) -> dict[str, Any]:
-        model_name = getattr(self.lm, "name", None) or getattr(self.stream, "model_name", None) or self.cfg.model.name
+        model_name = self._model_name()
         return {"model_name": model_name, "hook_name": self.cfg.model.site, "context_size": self.cfg.data.context_len,
                 "dataset": self.cfg.data.cache_dir or self.cfg.data.source, "activation_scale": self.scale}
 

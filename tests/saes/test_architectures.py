@@ -197,7 +197,7 @@ def test_gradient_topk_selects_by_gradient_score():
     torch.manual_seed(0)
     sae = sf.GradientTopKSAE(d_in=8, d_sae=32, k=3, beta=1e5)
     x, g = torch.randn(20, 8), 1e-5 * torch.randn(20, 8)
-    z = sae.pre_acts(x)
+    z = torch.relu(sae.pre_acts(x))
     score = z + 1e5 * z * (g @ sae.W_dec.T).abs()
     expected = torch.zeros_like(z).scatter(-1, score.topk(3, dim=-1).indices, z.gather(-1, score.topk(3, -1).indices))
     torch.testing.assert_close(sae.encode(x, grad=g), expected)

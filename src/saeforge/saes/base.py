@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -32,16 +31,45 @@ def register(name: str):
     return wrap
 
 
-@dataclass
 class SAELoss:
-    """Scalars are batch means of per-token sums over dimensions."""
+    """Scalars (`total`, `recon`, `sparsity`, `aux`) are batch means of per-token sums over dimensions.
 
-    total: Tensor
-    recon: Tensor
-    sparsity: Tensor
-    aux: Tensor
-    feats: Tensor
-    x_hat: Tensor
+    `feats` [batch, d_sae] is built on first use when the SAE gave its active latents sparsely (`active`, a pair
+    (values, indices) [batch, k]); `fired()` counts firings per latent without building it."""
+
+    def __init__(self, total: Tensor, recon: Tensor, sparsity: Tensor, aux: Tensor, feats: Tensor | None,
+                 x_hat: Tensor, active: tuple[Tensor, Tensor] | None = None, d_sae: int | None = None):
+        self.total, self.recon, self.sparsity, self.aux, self.x_hat = total, recon, sparsity, aux, x_hat
+        self._feats, self.active, self._d_sae = feats, active, d_sae
+
+    @property
+    def feats(self) -> Tensor:
+        if self._feats is None:
+            vals, idx = self.active
+            with torch.no_grad():
+                self._feats = vals.new_zeros(*vals.shape[:-1], self._d_sae).scatter_(-1, idx, vals.detach())
+        return self._feats
+
+    @torch.no_grad()
+    def fired(self) -> Tensor:
+        """Per-latent count of tokens on which the latent is non-zero in this batch, int32 [d_sae]."""
+        if self._feats is None and self.active is not None:
+            vals, idx = self.active
+            return torch.bincount(idx[vals != 0], minlength=self._d_sae).to(torch.int32)
+        return (self.feats != 0).reshape(-1, self.feats.shape[-1]).sum(0, dtype=torch.int32)
+
+
+def encoder_pre_acts(x: Tensor, W: Tensor, b: Tensor | None, b_dec: Tensor) -> Tensor:
+    """(x - b_dec) @ W + b (b may be None), one fused product.
+
+    The product runs on x - sg(b_dec), and b_dec's gradient enters through the zero-valued bias term
+    -(b_dec - sg(b_dec)) @ W: the same values and gradients as the plain expression, but autograd then gets b_dec's
+    gradient from a vector-matrix product instead of a full [batch, d_sae] x [d_sae, d_in] one."""
+    bias = -((b_dec - b_dec.detach()) @ W)
+    if b is not None:
+        bias = bias + b
+    x_c = (x - b_dec.detach()).reshape(-1, x.shape[-1])
+    return torch.addmm(bias, x_c, W).reshape(*x.shape[:-1], W.shape[1])
 
 
 def squared_error(x: Tensor, x_hat: Tensor) -> Tensor:

@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from saeforge.saes.base import SAE, SAELoss, register, squared_error
+from saeforge.saes.base import SAE, SAELoss, encoder_pre_acts, register, squared_error
 
 
 @register("gated")
@@ -73,13 +73,14 @@ class GatedSAE(SAE):
 
     def _pre_acts(self, x: Tensor) -> tuple[Tensor, Tensor]:
         self.check_input(x)
-        x_c = x - self.b_dec  # the input side of b_dec is never frozen
-        pre_gate = x_c @ self.W_enc
-        pi_gate = pre_gate + self.b_gate
+        # The input side of b_dec (x - b_dec) is never frozen.
         if self.tied:
+            pre_gate = encoder_pre_acts(x, self.W_enc, None, self.b_dec)
+            pi_gate = pre_gate + self.b_gate
             pi_mag = pre_gate * torch.exp(self.r_mag) + self.b_mag  # W_mag = diag(exp(r_mag)) W_gate
         else:
-            pi_mag = x_c @ self.W_mag + self.b_mag
+            pi_gate = encoder_pre_acts(x, self.W_enc, self.b_gate, self.b_dec)
+            pi_mag = encoder_pre_acts(x, self.W_mag, self.b_mag, self.b_dec)
         return pi_gate, pi_mag
 
     def encode(self, x: Tensor, grad: Tensor | None = None) -> Tensor:

@@ -38,23 +38,25 @@ class GradientTopKSAE(TopKSAE):
         self.beta, self.grad_norm = float(beta), grad_norm
 
     @torch.no_grad()
-    def selection_score(self, z: Tensor, grad: Tensor) -> Tensor:
+    def selection_score(self, pre: Tensor, grad: Tensor) -> Tensor:
+        """z + beta * z * a with z = ReLU(pre). Written as pre * (1 + beta * a): for pre > 0 it is the same, and for
+        pre <= 0 (z = 0) it stays <= 0, so the top k (and the values kept, ReLU(pre)) are unchanged."""
         g = grad.to(self.W_dec.dtype)
         if self.grad_norm == "unit_rms":
             g = g / g.float().pow(2).mean().sqrt().clamp_min(1e-30).to(g.dtype)
         a = (g @ self.W_dec.T).abs()  # |W_dec grad|, one entry per latent
-        return z + self.beta * z * a
+        return pre * (1 + self.beta * a)
 
-    def select(self, z: Tensor, grad: Tensor | None) -> Tensor:
+    def select(self, pre: Tensor, grad: Tensor | None) -> Tensor:
         if grad is None:
             raise ValueError("GradientTopKSAE needs grad= (the LM loss gradient at the site, same shape as x); "
                              "lm.capture(tokens, sites, grad=True) provides it")
-        if grad.shape != z.shape[:-1] + (self.d_in,):
+        if grad.shape != pre.shape[:-1] + (self.d_in,):
             raise ValueError(f"GradientTopKSAE: grad has shape {tuple(grad.shape)}, expected "
-                             f"{tuple(z.shape[:-1]) + (self.d_in,)} (the shape of x)")
+                             f"{tuple(pre.shape[:-1]) + (self.d_in,)} (the shape of x)")
         if not torch.isfinite(grad).all():
             raise ValueError("GradientTopKSAE: grad contains non-finite values")
-        return self.selection_score(z.detach(), grad).topk(self.k, dim=-1, sorted=False).indices
+        return self.selection_score(pre.detach(), grad).topk(self.k, dim=-1, sorted=False).indices
 
     def fold_activation_scale(self, c: float) -> None:
         # Trained on x' = c x with grad' = grad / c: a scales by c and z by 1/c, so beta * a keeps its meaning

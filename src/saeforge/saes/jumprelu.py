@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from saeforge.saes.base import SAE, SAELoss, register, squared_error
+from saeforge.saes.base import SAE, SAELoss, encoder_pre_acts, register, squared_error
 
 
 @register("jumprelu")
@@ -42,7 +42,7 @@ class JumpReLUSAE(SAE):
 
     def encode(self, x: Tensor, grad: Tensor | None = None) -> Tensor:
         self.check_input(x)
-        pi = (x - self.b_dec) @ self.W_enc + self.b_enc
+        pi = encoder_pre_acts(x, self.W_enc, self.b_enc, self.b_dec)
         return pi * (pi > self.threshold).to(pi.dtype)
 
     def loss(self, x, sparsity_coeff=None, grad=None, dead_mask=None) -> SAELoss:

@@ -7,7 +7,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from saeforge.saes.base import SAE, SAELoss, register, squared_error
+from saeforge.saes.base import SAE, SAELoss, encoder_pre_acts, register, squared_error
 
 SparsityPenalty = Literal["l1", "l1_decoder_norm"]
 
@@ -35,7 +35,7 @@ class ReluSAE(SAE):
 
     def encode(self, x: Tensor, grad: Tensor | None = None) -> Tensor:
         self.check_input(x)
-        return torch.relu((x - self.b_dec) @ self.W_enc + self.b_enc)  # eq. 2
+        return torch.relu(encoder_pre_acts(x, self.W_enc, self.b_enc, self.b_dec))  # eq. 2
 
     def loss(self, x, sparsity_coeff=None, grad=None, dead_mask=None) -> SAELoss:
         if sparsity_coeff is None:

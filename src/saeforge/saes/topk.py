@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from saeforge.saes.base import SAE, SAELoss, check_k, register, squared_error
+from saeforge.saes.base import SAE, SAELoss, check_k, encoder_pre_acts, register, squared_error
 
 
 @register("topk")
@@ -33,28 +33,33 @@ class TopKSAE(SAE):
         return {"k": self.k}
 
     def pre_acts(self, x: Tensor) -> Tensor:
+        """W_enc (x - b_dec) + b_enc, before the ReLU."""
         self.check_input(x)
-        return torch.relu((x - self.b_dec) @ self.W_enc + self.b_enc)
+        return encoder_pre_acts(x, self.W_enc, self.b_enc, self.b_dec)
 
-    def select(self, z: Tensor, grad: Tensor | None) -> Tensor:
-        """Indices [..., k] of the active latents."""
-        return z.topk(self.k, dim=-1, sorted=False).indices
+    def select(self, pre: Tensor, grad: Tensor | None) -> Tensor:
+        """Indices [..., k] of the active latents. The ReLU is monotone, so the top k of the pre-activations are the
+        top k of z = ReLU(pre); it is applied to the k selected values only."""
+        return pre.topk(self.k, dim=-1, sorted=False).indices
 
     def encode_sparse(self, x: Tensor, grad: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """(values [..., k], indices [..., k], z [..., d_sae])."""
-        z = self.pre_acts(x)
-        idx = self.select(z, grad)
-        return z.gather(-1, idx), idx, z
+        """(values [..., k], indices [..., k], pre-activations [..., d_sae])."""
+        pre = self.pre_acts(x)
+        idx = self.select(pre, grad)
+        return torch.relu(pre.gather(-1, idx)), idx, pre
 
     def encode(self, x: Tensor, grad: Tensor | None = None) -> Tensor:
-        vals, idx, z = self.encode_sparse(x, grad)
-        return torch.zeros_like(z).scatter_(-1, idx, vals)
+        vals, idx, pre = self.encode_sparse(x, grad)
+        return torch.zeros_like(pre).scatter_(-1, idx, vals)
 
     def decode_sparse(self, vals: Tensor, idx: Tensor, bias: bool = True) -> Tensor:
         """sum_j vals_j * W_dec[idx_j] (+ b_dec), touching only the k active rows."""
         lead = vals.shape[:-1]
-        out = F.embedding_bag(idx.reshape(-1, idx.shape[-1]), self.W_dec, mode="sum",
-                              per_sample_weights=vals.reshape(-1, vals.shape[-1]).to(self.W_dec.dtype))
+        W = self.W_dec
+        if torch.is_autocast_enabled(W.device.type):  # embedding_bag is not on autocast's list
+            W = W.to(torch.get_autocast_dtype(W.device.type))
+        out = F.embedding_bag(idx.reshape(-1, idx.shape[-1]), W, mode="sum",
+                              per_sample_weights=vals.reshape(-1, vals.shape[-1]).to(W.dtype))
         out = out.reshape(*lead, self.d_in)
         return out + self.b_dec if bias else out
 
@@ -66,21 +71,20 @@ class TopKSAE(SAE):
         x = x.reshape(-1, self.d_in)
         if grad is not None:
             grad = grad.reshape(-1, self.d_in)
-        vals, idx, z = self.encode_sparse(x, grad)
+        vals, idx, pre = self.encode_sparse(x, grad)
         x_hat = self.decode_sparse(vals, idx)
         recon = squared_error(x, x_hat)
         aux = torch.zeros_like(recon)
         if dead_mask is not None and bool(dead_mask.any()):
             # AuxK: the residual is the target (no gradient through x_hat); only dead latents may fire.
             k_aux = min(self.k_aux, int(dead_mask.sum()))
-            z_dead = z.masked_fill(~dead_mask.to(z.device), -1.0)
-            aux_vals, aux_idx = z_dead.topk(k_aux, dim=-1, sorted=False)
+            pre_dead = pre.masked_fill(~dead_mask.to(pre.device), float("-inf"))
+            aux_idx = pre_dead.topk(k_aux, dim=-1, sorted=False).indices
+            aux_vals = torch.relu(pre.gather(-1, aux_idx))
             residual = (x - x_hat).detach()
-            aux = squared_error(residual, self.decode_sparse(aux_vals.clamp_min(0), aux_idx, bias=False))
-        with torch.no_grad():
-            feats = torch.zeros_like(z).scatter_(-1, idx, vals)
+            aux = squared_error(residual, self.decode_sparse(aux_vals, aux_idx, bias=False))
         total = recon + self.aux_coeff * aux
-        return SAELoss(total, recon, torch.zeros_like(recon), aux, feats, x_hat)
+        return SAELoss(total, recon, torch.zeros_like(recon), aux, None, x_hat, active=(vals, idx), d_sae=self.d_sae)
 
     def latent_params(self) -> dict[str, int]:
         return {"W_enc": 1, "b_enc": 0, "W_dec": 0}

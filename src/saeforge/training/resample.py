@@ -26,12 +26,12 @@ class FiringTracker:
         self.last_fired = torch.zeros(d_sae, dtype=torch.int64, device=device)
 
     @torch.no_grad()
-    def update(self, feats: torch.Tensor, tokens_after: int) -> torch.Tensor:
-        """Record a batch of feature activations [batch, d_sae]; returns the batch's L0 (a 0-dim tensor)."""
-        fired = (feats != 0).sum(0, dtype=torch.int32)  # int32 sums run about 1.6x faster than int64 on CPU
+    def update(self, fired: torch.Tensor, n_tokens: int, tokens_after: int) -> torch.Tensor:
+        """Record a batch's per-latent firing counts [d_sae] (SAELoss.fired()) over n_tokens tokens; returns the
+        batch's L0 (a 0-dim tensor)."""
         self.counts += fired
         self.last_fired.masked_fill_(fired > 0, tokens_after)
-        return fired.sum() / feats.shape[0]
+        return fired.sum() / n_tokens
 
     def dead_mask(self, tokens: int, window_tokens: int, *, strict: bool = True) -> torch.Tensor:
         """Latents with no firing in the last `window_tokens` tokens. Not strict: when fewer tokens than the window

@@ -81,7 +81,7 @@ class SAERun:
         # Data parallelism goes here: all-reduce (mean) the parameter gradients across ranks before the step.
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        l0 = self.tracker.update(out.feats.detach(), tokens_after)
+        l0 = self.tracker.update(out.fired(), x.shape[0], tokens_after)
         total = out.total.detach()
         with torch.no_grad():
             values = torch.stack([total, out.recon.detach(), out.sparsity.detach(), out.aux.detach(), l0])

@@ -5,10 +5,10 @@ Prints JSON. For fp32 and bf16, tokens/s of
   truncated_forward a copy of the model cut after the site's block (the floor for a harvest of that site),
   capture           lm.capture(tokens, [site]) (hooks + early stop),
   capture_grad      lm.capture(tokens, [site], grad=True) (full forward and backward to the site),
-and capture_over_truncated = time(capture) / time(truncated_forward); the target is at most 1.05.
-The timings interleave the variants and keep each one's fastest repeat, since the machine is shared.
+and capture_over_truncated = time(capture) / time(truncated_forward) (median over rounds that run both back to
+back); the target is at most 1.05. tokens/s are from median times.
 
-Usage: PYTHONPATH=src python benchmarks/harvest.py [--batch 4] [--seq 128] [--repeats 5]
+Usage: PYTHONPATH=src python benchmarks/harvest.py [--batch 2] [--seq 128] [--repeats 16]
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import statistics
 import time
 
 import torch
@@ -33,17 +34,23 @@ def truncated_backbone(lm, last_block: int) -> nn.Module:
     return cut
 
 
-def best_seconds(fns: dict, repeats: int) -> dict:
-    """Fastest wall time of each function, running them interleaved after one warm-up each."""
-    for fn in fns.values():
+def paired_seconds(fns: dict, repeats: int, warmup: bool = True) -> tuple[dict, list[dict]]:
+    """Median wall time of each function, and the per-round times, running them back to back in rotating order.
+
+    The machine is shared, so its speed drifts; functions timed in the same round see about the same load, which
+    makes the median of per-round ratios a steadier comparison than the ratio of separately taken times."""
+    for fn in fns.values() if warmup else ():
         fn()
-    best = {name: float("inf") for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    names = list(fns)
+    rounds = []
+    for r in range(repeats):
+        times = {}
+        for name in names[r % len(names):] + names[: r % len(names)]:
             start = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
+            fns[name]()
+            times[name] = time.perf_counter() - start
+        rounds.append(times)
+    return {name: statistics.median(t[name] for t in rounds) for name in names}, rounds
 
 
 def measure(dtype: torch.dtype, site: str, block: int, batch: int, seq: int, repeats: int, grad_repeats: int) -> dict:
@@ -76,23 +83,25 @@ def measure(dtype: torch.dtype, site: str, block: int, batch: int, seq: int, rep
     def capture_grad():
         lm.capture(tokens, [site], grad=True)
 
-    times = best_seconds({"truncated_forward": truncated, "capture": capture, "full_forward": full}, repeats)
-    times.update(best_seconds({"capture_grad": capture_grad}, grad_repeats))
+    seconds, rounds = paired_seconds({"truncated_forward": truncated, "capture": capture}, repeats)
+    # The slow ones (seconds each) are context, not the target: fewer repeats, warmed up by the passes above.
+    slow, _ = paired_seconds({"full_forward": full, "capture_grad": capture_grad}, grad_repeats, warmup=False)
+    seconds.update(slow)
     n = batch * seq
     return {
-        "tokens_per_s": {name: round(n / seconds, 1) for name, seconds in times.items()},
-        "capture_over_truncated": round(times["capture"] / times["truncated_forward"], 4),
-        "full_over_capture": round(times["full_forward"] / times["capture"], 3),
-        "capture_grad_over_capture": round(times["capture_grad"] / times["capture"], 3),
+        "tokens_per_s": {name: round(n / t, 1) for name, t in seconds.items()},
+        "capture_over_truncated": round(statistics.median(r["capture"] / r["truncated_forward"] for r in rounds), 4),
+        "full_over_capture": round(seconds["full_forward"] / seconds["capture"], 3),
+        "capture_grad_over_capture": round(seconds["capture_grad"] / seconds["capture"], 3),
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--block", type=int, default=9)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=16)
     parser.add_argument("--grad-repeats", type=int, default=2)
     args = parser.parse_args()
     site = f"blocks.{args.block}.resid_post"

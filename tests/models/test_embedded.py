@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from saeforge.models import load_lm
+from saeforge.models import EMBEDDED_NAME, load_lm
 
 SENTENCES = [
     "The Eiffel Tower is a wrought-iron lattice tower in Paris, France.",
@@ -17,6 +17,7 @@ SENTENCES = [
 def test_embedded_model_captures_a_real_batch():
     lm = load_lm("embedded", dtype=torch.bfloat16)
     assert (lm.family, lm.n_layers, lm.d_model, lm.vocab_size) == ("gemma3", 18, 640, 262144)
+    assert lm.name == EMBEDDED_NAME
     assert lm.site_dim("blocks.9.attn_z") == 4 * 256 and lm.site_dim("blocks.9.mlp_post") == 2048
     lm.tokenizer.padding_side = "right"
     enc = lm.tokenizer(SENTENCES, padding=True, return_tensors="pt")

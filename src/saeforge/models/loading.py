@@ -39,8 +39,9 @@ def _as_dtype(dtype) -> torch.dtype:
 def load_lm(spec, *, device="cpu", dtype=None, tokenizer=None, name: str | None = None) -> LanguageModel:
     """Load a causal LM as a frozen `LanguageModel`.
 
-    spec: "embedded" | a hub id | a local directory | a path to a .gguf file | a transformers PreTrainedModel
-    (pass its tokenizer with tokenizer=) | a `saeforge.config.ModelConfig` (its name, device and dtype are used).
+    spec: "embedded" (or its recorded name, EMBEDDED_NAME) | a hub id | a local directory | a path to a .gguf
+    file | a transformers PreTrainedModel (pass its tokenizer with tokenizer=) | a `saeforge.config.ModelConfig`
+    (its name, device and dtype are used).
     dtype: torch dtype or its name; default float32 (a model passed in keeps its dtype unless dtype is given).
     """
     from transformers import PreTrainedModel
@@ -56,7 +57,7 @@ def load_lm(spec, *, device="cpu", dtype=None, tokenizer=None, name: str | None 
         raise TypeError(f"load_lm: cannot load a model from {type(spec).__name__}")
     dtype = _as_dtype(dtype or torch.float32)
     spec_str = str(spec)
-    if spec_str == "embedded":
+    if spec_str in ("embedded", EMBEDDED_NAME):  # the name recorded in manifests loads it back
         directory = _converted(EMBEDDED_NAME, _assemble_embedded)
         return _from_directory(directory, device, dtype, tokenizer, name or EMBEDDED_NAME)
     path = Path(spec_str).expanduser()

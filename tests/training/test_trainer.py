@@ -180,3 +180,32 @@ def test_bf16_autocast_trains(tmp_path):
                     progress=False).run()
     for name in result.metrics:  # training lowered the reconstruction error
         assert result.metrics[name]["recon"] < first.metrics[name]["recon"], name
+
+
+def test_rescale_and_shift_trains_only_magnitudes_of_a_trained_baseline(tmp_path):
+    """Paper A's "baseline + rescale & shift": gate, decoder and b_dec stay the baseline's; r_mag, b_mag learn;
+    reconstruction gets no worse than the baseline it starts from."""
+    base = Trainer(config(tmp_path / "a", [SAESpec("relu", name="base", d_sae=48, sparsity_coeff=0.5)]),
+                   stream=stream(), progress=False).run()
+    relu = load_sae(base.sae_dirs["base"])
+    spec = SAESpec("gated", name="rescaled", d_sae=48, options={"rescale_shift_from": str(base.sae_dirs["base"])})
+    result = Trainer(config(tmp_path / "b", [spec], lr=3e-2), stream=stream(), progress=False).run()
+    gated = load_sae(result.sae_dirs["rescaled"])
+    assert gated.magnitude_only
+    for ours, theirs in (("W_enc", "W_enc"), ("b_gate", "b_enc"), ("W_dec", "W_dec"), ("b_dec", "b_dec")):
+        torch.testing.assert_close(getattr(gated, ours), getattr(relu, theirs), rtol=1e-5, atol=1e-6)
+    assert gated.r_mag.abs().sum() > 0 and not torch.allclose(gated.b_mag, relu.b_enc)
+    x = SyntheticStream(D_IN, 512, seed=99)._make(0)["x"]
+    with torch.no_grad():
+        err_gated = (gated(x) - x).pow(2).sum(-1).mean()
+        err_relu = (relu(x) - x).pow(2).sum(-1).mean()
+        assert torch.equal(gated._pre_acts(x)[0] > 0, relu.encode(x) > 0)  # the same gate
+    assert err_gated < err_relu
+
+
+def test_rescale_and_shift_needs_a_saved_baseline(tmp_path):
+    from saeforge.config import ConfigError
+
+    spec = SAESpec("gated", name="r", d_sae=48, options={"rescale_shift_from": str(tmp_path / "missing")})
+    with pytest.raises(ConfigError, match="missing"):
+        Trainer(config(tmp_path, [spec]), stream=stream(), progress=False).run()

@@ -26,7 +26,7 @@ import torch
 from tyro.conf import Positional
 
 from saeforge.config import ConfigError, RunConfig, SAESpec, load_config, to_dict
-from saeforge.saes import create_sae
+from saeforge.saes import GatedSAE, create_sae, load_sae
 from saeforge.training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from saeforge.training.monitor import Monitor, summary_table
 from saeforge.training.sae_run import DEFAULT_BETAS, SAERun
@@ -131,17 +131,28 @@ class Trainer:
             options = dict(spec.options)
             if spec.k is not None:
                 options["k"] = spec.k
+            # Paper A's "baseline + rescale & shift": a trained ReLU SAE, frozen, with only r_mag and b_mag learning.
+            rescale_shift_from = options.pop("rescale_shift_from", None)
             torch.manual_seed(_seed_for(train.seed, name))  # the SAE's initialisation
             try:
-                sae = create_sae(spec.architecture, d_in=d_in, d_sae=d_sae, **options)
-            except (TypeError, ValueError) as e:
+                if rescale_shift_from is not None:
+                    if spec.architecture != "gated" or options:
+                        raise ValueError("options.rescale_shift_from needs architecture = 'gated' and no other options")
+                    sae = GatedSAE.from_relu(load_sae(rescale_shift_from))
+                    if sae.d_in != d_in:
+                        raise ValueError(f"{rescale_shift_from} has d_in={sae.d_in}, the site has d={d_in}")
+                    sae.fold_activation_scale(1.0 / self.scale)  # the saved baseline acts on raw x; we train on c*x
+                    sae.cfg = {}
+                else:
+                    sae = create_sae(spec.architecture, d_in=d_in, d_sae=d_sae, **options)
+            except (TypeError, ValueError, FileNotFoundError) as e:
                 raise ConfigError(f"sae {name!r}: {e}") from e
             sae.to(self.device)
             betas = spec.adam_betas or train.adam_betas or DEFAULT_BETAS[spec.architecture]
             self.runs[name] = SAERun(
                 name, sae, train, total_steps=self.total_steps, lr=spec.lr or train.lr, betas=tuple(betas),
                 sparsity_coeff=spec.sparsity_coeff if sae.uses_sparsity_coeff else None,
-                resample=train.resample if spec.resample is None else spec.resample,
+                resample=(train.resample if spec.resample is None else spec.resample) and rescale_shift_from is None,
                 seed=_seed_for(train.seed + 1, name),
             )
 
@@ -339,7 +350,8 @@ class Trainer:
         recipes; that batch is then trained on as usual."""
         if self.cfg.train.b_dec_init != "zeros":
             for run in self.runs.values():
-                run.sae.init_b_dec(x, method=self.cfg.train.b_dec_init)
+                if run.sae.b_dec.requires_grad:  # a frozen b_dec (rescale & shift) keeps the baseline's
+                    run.sae.init_b_dec(x, method=self.cfg.train.b_dec_init)
 
     def save_saes(self) -> dict[str, Path]:
         """Each SAE to {out_dir}/{name}/ with the activation scale folded in and its firing counts."""

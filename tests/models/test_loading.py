@@ -15,8 +15,11 @@ def test_load_from_memory_and_from_a_saved_directory(tmp_path):
     tiny.tokenizer.save_pretrained(tmp_path / "m")
     tokens = torch.tensor([tiny.tokenizer("Saved and loaded again.").input_ids])
 
+    tiny.model.requires_grad_(True)
     wrapped = load_lm(tiny.model, tokenizer=tiny.tokenizer, name="mine")
     assert isinstance(wrapped, LanguageModel) and wrapped.name == "mine" and wrapped.family == "qwen2"
+    assert all(p.requires_grad for p in tiny.model.parameters())  # the caller's model is left as it was
+    tiny.model.requires_grad_(False)
 
     loaded = load_lm(str(tmp_path / "m"))
     assert loaded.name == str((tmp_path / "m").resolve())

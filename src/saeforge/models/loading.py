@@ -51,8 +51,9 @@ def load_lm(spec, *, device="cpu", dtype=None, tokenizer=None, name: str | None 
     if isinstance(spec, ModelConfig):
         return load_lm(spec.name, device=spec.device, dtype=spec.dtype, tokenizer=tokenizer, name=name)
     if isinstance(spec, PreTrainedModel):
+        # The caller's model keeps its requires_grad flags; capture(grad=True) never accumulates into weights.
         model = spec if dtype is None else spec.to(_as_dtype(dtype))
-        return _wrap(model.to(device), tokenizer, name)
+        return LanguageModel(model.to(device), tokenizer, name=name)
     if not isinstance(spec, (str, Path)):
         raise TypeError(f"load_lm: cannot load a model from {type(spec).__name__}")
     dtype = _as_dtype(dtype or torch.float32)
@@ -81,7 +82,7 @@ def load_lm(spec, *, device="cpu", dtype=None, tokenizer=None, name: str | None 
 
 
 def _wrap(model, tokenizer, name) -> LanguageModel:
-    model.requires_grad_(False)  # a frozen LM: SAE code never trains its weights
+    model.requires_grad_(False)  # a model we loaded is frozen: SAE code never trains its weights
     return LanguageModel(model, tokenizer, name=name)
 
 

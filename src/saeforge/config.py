@@ -251,7 +251,7 @@ class EvalConfig:
     """
 
     tokens: int = 32768  # held-out tokens (split="eval"); BOS positions are not spliced or scored by the SAE
-    batch_size: int = 8  # contexts per LM forward pass
+    batch_size: int = 4  # contexts per LM forward pass (memory: keeps contexts x len x vocab clean probabilities)
     ablation: tuple[str, ...] = ("zero", "mean")  # loss recovered against each of these ablations
     dense_threshold: float = 0.1  # a latent is dense when it fires on more than this fraction of tokens
     analyses: bool = True  # paper B: decoder max-cosine histogram, directional derivatives

@@ -8,7 +8,7 @@ from torch import nn
 
 from saeforge import create_sae
 from saeforge.evaluation import evaluate_saes
-from saeforge.evaluation.splice import baseline_losses, next_token_ce, splice_mask
+from saeforge.evaluation.splice import CleanDistribution, baseline_losses, next_token_ce, splice_mask
 from saeforge.models import tiny_lm
 
 SITE = "blocks.1.resid_post"
@@ -152,3 +152,22 @@ def test_gradient_topk_gets_site_gradients(lm, contexts):
     gsae = create_sae("gradient_topk", d_in=d, d_sae=4 * d, k=3)
     row = evaluate_saes(lm, [gsae], SITE, contexts, batch_size=3, analyses=False, progress=False)[0]
     assert row["architecture"] == "gradient_topk" and 0 < row["l0"] <= 3
+
+
+def test_ce_and_kl_match_torch_on_random_logits():
+    g = torch.Generator().manual_seed(0)
+    clean = torch.randn(2, 5, 50, generator=g) * 3
+    spliced = clean + torch.randn(2, 5, 50, generator=g)
+    tokens = torch.randint(0, 50, (2, 5), generator=g)
+    dist = CleanDistribution(clean, tokens)
+    ce, kl = dist.ce_and_kl(spliced, tokens)
+    targets = tokens[:, 1:].reshape(-1)
+    ref_ce = torch.nn.functional.cross_entropy(spliced[:, :-1].reshape(-1, 50), targets, reduction="none")
+    lp_c = torch.log_softmax(clean[:, :-1].reshape(-1, 50).double(), -1)
+    lp_s = torch.log_softmax(spliced[:, :-1].reshape(-1, 50).double(), -1)
+    ref_kl = (lp_c.exp() * (lp_c - lp_s)).sum(-1)
+    assert torch.allclose(ce.reshape(-1), ref_ce, atol=1e-5)
+    assert torch.allclose(kl.reshape(-1).double(), ref_kl, atol=1e-5)
+    assert torch.allclose(dist.ce.reshape(-1), torch.nn.functional.cross_entropy(
+        clean[:, :-1].reshape(-1, 50), targets, reduction="none"), atol=1e-5)
+    assert torch.allclose(dist.ce_and_kl(clean, tokens)[1], torch.zeros(2, 4), atol=1e-5)

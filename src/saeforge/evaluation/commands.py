@@ -44,7 +44,7 @@ def _model_spec(model_name: str) -> str:
     return "embedded" if model_name == EMBEDDED_NAME else model_name
 
 
-def eval_contexts(lm, data_cfg: DataConfig, tokens: int, batch_size: int = 8) -> torch.Tensor:
+def eval_contexts(lm, data_cfg: DataConfig, tokens: int, batch_size: int = 4) -> torch.Tensor:
     """Held-out contexts (split="eval") of data_cfg.source: enough [context_len] contexts to hold `tokens` tokens,
     or all of them when the split is smaller."""
     from saeforge.data import context_batches
@@ -56,7 +56,8 @@ def eval_contexts(lm, data_cfg: DataConfig, tokens: int, batch_size: int = 8) ->
         if len(picked) >= n_contexts:
             break
     if not picked:
-        raise ValueError(f"the eval split of {data_cfg.source!r} holds no full context of {data_cfg.context_len} tokens")
+        raise ValueError(f"the eval split of {data_cfg.source!r} holds no full context of "
+                         f"{data_cfg.context_len} tokens")
     if len(picked) < n_contexts:
         print(f"note: the eval split of {data_cfg.source!r} holds only {len(picked) * data_cfg.context_len:,} tokens "
               f"of the {tokens:,} asked for; evaluating on all of them", file=sys.stderr)
@@ -108,11 +109,13 @@ def eval_command(
     tokens: int = 32768,
     ito: tuple[int, ...] = (),
     steering: bool = False,
+    steering_latents: int = 16,
+    steering_alpha: Optional[float] = None,
     model: Optional[str] = None,
     site: Optional[str] = None,
     source: str = "embedded",
     context_len: Optional[int] = None,
-    batch_size: int = 8,
+    batch_size: int = 4,
     device: str = "cpu",
     dtype: Literal["float32", "bfloat16", "float16"] = "float32",
     keep_bos: bool = False,
@@ -130,6 +133,8 @@ def eval_command(
         tokens: held-out tokens to evaluate on (whole contexts; BOS positions are not spliced).
         ito: L0 targets for inference-time optimisation by gradient pursuit with each SAE's decoder.
         steering: run paper B's steering measurement on a sample of latents.
+        steering_latents: alive latents sampled per SAE for steering.
+        steering_alpha: norm of the added steering vector (else the mean activation norm at the site).
         model: the language model (else each SAE's cfg.json model_name).
         site: the site (else each SAE's cfg.json hook_name).
         source: text source of the held-out split ("embedded", a .txt/.jsonl/.parquet path, "hf:<id>").
@@ -146,7 +151,8 @@ def eval_command(
     from saeforge.viz.eval_figures import eval_figures
 
     try:
-        cfg = EvalConfig(tokens=tokens, batch_size=batch_size, ito=tuple(ito), steering=steering, analyses=analyses)
+        cfg = EvalConfig(tokens=tokens, batch_size=batch_size, ito=tuple(ito), steering=steering, analyses=analyses,
+                         steering_latents=steering_latents, steering_alpha=steering_alpha)
         groups: dict[tuple[str, str, int], list[Path]] = defaultdict(list)
         for d in sae_dirs:
             sae_cfg = _read_sae_cfg(Path(d))

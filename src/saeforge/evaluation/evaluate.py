@@ -34,11 +34,9 @@ from saeforge.evaluation.metrics import (
     loss_recovered,
 )
 from saeforge.evaluation.splice import (
+    CleanDistribution,
     ablated_losses,
-    kl_to_clean,
-    next_token_ce,
     record_clean_loss,
-    recorder,
     replace_at,
     site_statistics,
     splice_mask,
@@ -128,9 +126,10 @@ def evaluate_saes(lm, saes: Iterable[Union[str, Path, torch.nn.Module]], site: s
     losses = [LossStats() for _ in entries]
     analyse = cfg.analyses and cfg.analysis_batches > 0
     if analyse:
-        d = d_site
-        reference = {"random": DirectionalDerivatives(isotropic_directions(N_DIRECTIONS, d, gen)),
-                     "covariance_matched": DirectionalDerivatives(covariance_matched_directions(stats.cov, N_DIRECTIONS, gen))}
+        random_dirs = {
+            "random": DirectionalDerivatives(isotropic_directions(N_DIRECTIONS, d_site, gen)),
+            "covariance_matched": DirectionalDerivatives(covariance_matched_directions(stats.cov, N_DIRECTIONS, gen)),
+        }
         along_decoder = []
         for sae, _, _ in loaded:
             rows = torch.randperm(sae.d_sae, generator=gen)[:N_DIRECTIONS].sort().values
@@ -146,12 +145,11 @@ def evaluate_saes(lm, saes: Iterable[Union[str, Path, torch.nn.Module]], site: s
             _, g = lm.capture(tokens, [site], grad=True)
             grads = g[site][mask].float()
         with torch.no_grad():
-            store: dict = {}
-            clean_logits = lm.forward(tokens, edits={site: recorder(store)})
-            clean.update(next_token_ce(clean_logits, tokens))
+            clean_dist = CleanDistribution(lm.forward(tokens), tokens)
+            clean.update(clean_dist.ce)
             if analyse and bi < cfg.analysis_batches:
                 g_cpu = grads.cpu()
-                for dd in list(reference.values()) + along_decoder:
+                for dd in list(random_dirs.values()) + along_decoder:
                     dd.update(g_cpu)
             for j, (sae, _, _) in enumerate(entries):
 
@@ -164,9 +162,9 @@ def evaluate_saes(lm, saes: Iterable[Union[str, Path, torch.nn.Module]], site: s
                     return x_hat
 
                 logits = lm.forward(tokens, edits={site: replace_at(mask, reconstruct)})
-                losses[j].update(next_token_ce(logits, tokens), kl_to_clean(logits, clean_logits))
+                losses[j].update(*clean_dist.ce_and_kl(logits, tokens))
                 del logits
-            del clean_logits
+            del clean_dist
     record_clean_loss(lm, site, batches, keep_bos, clean.ce)
 
     results = []
@@ -192,7 +190,7 @@ def evaluate_saes(lm, saes: Iterable[Union[str, Path, torch.nn.Module]], site: s
                                       **histogram(max_cos, COSINE_EDGES)}
             row["directional_derivative"] = {
                 "decoder": along_decoder[j].result(),
-                **{kind: dd.result() for kind, dd in reference.items()},
+                **{kind: dd.result() for kind, dd in random_dirs.items()},
                 "tokens": along_decoder[j].tokens,
             }
         if cfg.steering and j < len(loaded):

@@ -39,16 +39,6 @@ def replace_at(mask: Tensor, fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor
     return edit
 
 
-def recorder(store: dict, key: str = "act") -> Callable[[Tensor], Tensor]:
-    """An LM edit that changes nothing and keeps a detached copy of the activation."""
-
-    def edit(act: Tensor) -> Tensor:
-        store[key] = act.detach()
-        return act
-
-    return edit
-
-
 def next_token_ce(logits: Tensor, tokens: Tensor) -> Tensor:
     """Per-position next-token cross-entropy [B, S-1] in float32 (computed in chunks of positions)."""
     logits = logits[:, :-1]
@@ -64,16 +54,41 @@ def next_token_ce(logits: Tensor, tokens: Tensor) -> Tensor:
     return out.view(targets.shape)
 
 
-def kl_to_clean(logits: Tensor, clean_logits: Tensor) -> Tensor:
-    """Per-position KL(P_clean || P_spliced) [B, S-1] over the predicted positions, float32, chunked."""
-    a = clean_logits[:, :-1].reshape(-1, clean_logits.shape[-1])
-    b = logits[:, :-1].reshape(-1, logits.shape[-1])
-    out = torch.empty(a.shape[0], dtype=torch.float32, device=logits.device)
-    for i in range(0, a.shape[0], _CHUNK_POSITIONS):
-        lp_clean = torch.log_softmax(a[i : i + _CHUNK_POSITIONS].float(), dim=-1)
-        lp_spliced = torch.log_softmax(b[i : i + _CHUNK_POSITIONS].float(), dim=-1)
-        out[i : i + _CHUNK_POSITIONS] = (lp_clean.exp() * (lp_clean - lp_spliced)).sum(-1)
-    return out.view(logits.shape[0], logits.shape[1] - 1)
+class CleanDistribution:
+    """The clean model's next-token distribution on one batch, kept to score every spliced run against it.
+
+    KL(P || Q) = sum_v p_v log p_v - sum_v p_v log q_v, and with z the spliced logits,
+    sum_v p_v log q_v = p . z - logsumexp(z). So per spliced run one logsumexp and one dot product give both its CE
+    and its KL (float32, a chunk of positions at a time)."""
+
+    def __init__(self, clean_logits: Tensor, tokens: Tensor) -> None:
+        flat = clean_logits[:, :-1].reshape(-1, clean_logits.shape[-1])
+        targets = tokens[:, 1:].reshape(-1, 1).to(flat.device)
+        self.shape = (clean_logits.shape[0], clean_logits.shape[1] - 1)
+        self.probs = torch.empty(flat.shape, dtype=torch.float32, device=flat.device)
+        self.neg_entropy = torch.empty(flat.shape[0], dtype=torch.float32, device=flat.device)
+        ce = torch.empty_like(self.neg_entropy)
+        for i in range(0, flat.shape[0], _CHUNK_POSITIONS):
+            rows = slice(i, i + _CHUNK_POSITIONS)
+            logp = torch.log_softmax(flat[rows].float(), dim=-1)
+            self.probs[rows] = logp.exp()
+            self.neg_entropy[rows] = (self.probs[rows] * logp).sum(-1)
+            ce[rows] = -logp.gather(1, targets[rows]).squeeze(1)
+        self.ce = ce.view(self.shape)  # the clean model's own per-position CE
+
+    def ce_and_kl(self, logits: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-position next-token CE and KL(P_clean || P_spliced), both [B, S-1] float32."""
+        flat = logits[:, :-1].reshape(-1, logits.shape[-1])
+        targets = tokens[:, 1:].reshape(-1, 1).to(flat.device)
+        ce = torch.empty(flat.shape[0], dtype=torch.float32, device=flat.device)
+        kl = torch.empty_like(ce)
+        for i in range(0, flat.shape[0], _CHUNK_POSITIONS):
+            rows = slice(i, i + _CHUNK_POSITIONS)
+            z = flat[rows].float()
+            lse = z.logsumexp(-1)
+            ce[rows] = lse - z.gather(1, targets[rows]).squeeze(1)
+            kl[rows] = self.neg_entropy[rows] - ((self.probs[rows] * z).sum(-1) - lse)
+        return ce.view(self.shape), kl.clamp_min(0).view(self.shape)
 
 
 @dataclass

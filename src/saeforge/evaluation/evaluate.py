@@ -3,6 +3,22 @@
 Batches are the outer loop and SAEs the inner one: per batch the clean forward (site activations and clean logits
 for the KL) runs once and is shared by every SAE; the clean and ablated CE come from `baseline_losses`, computed once
 per (model, site, tokens) and cached. SAEs saved by the trainer work on raw activations, which is what they get.
+
+One row (dict) per SAE, then one per SAE and ITO target:
+  name, path, architecture ("ito:<arch>" for gradient pursuit), model, site, d_in, d_sae, k, sparsity_coeff, ito_k
+  eval_contexts, eval_tokens            contexts, and spliced positions (all but BOS/padding) the metrics average over
+  ce_clean, ce_spliced                  mean next-token CE, clean and with the SAE spliced in (every predicted position)
+  ce_zero_ablation, ce_mean_ablation    CE with the site zero- / mean-ablated at the spliced positions
+  loss_recovered_zero, _mean            (CE_ablated - CE_spliced) / (CE_ablated - CE_clean)
+  kl_div                                mean KL(clean || spliced) of the next-token distributions
+  l_added                               (CE_spliced - CE_clean) / CE_clean
+  l0, mse, nmse, fvu, cosine, gamma     see metrics.py (gamma: ratio of sums over the whole set)
+  dead_fraction, dense_fraction, dense_threshold
+  firing_log10_hist                     {edges, counts (live latents), dead, cdf (all latents, at each edge),
+                                         median_log10_freq}
+  decoder_max_cos                       {mean, median, edges, counts}                       (analyses; not for ITO)
+  directional_derivative                {decoder, random, covariance_matched, tokens}      (analyses; not for ITO)
+  steering                              steering.steering_effects output, or {error}       (steering; not for ITO)
 """
 
 from __future__ import annotations
@@ -91,8 +107,9 @@ def evaluate_saes(lm, saes: Iterable[Union[str, Path, torch.nn.Module]], site: s
     """Evaluate each SAE spliced into `lm` at `site` on `contexts` (token ids [n, context_len]).
 
     `cfg` (or keyword `options` naming EvalConfig fields) chooses ablations, ITO targets, steering and analyses.
-    Returns one dict per SAE (then one per SAE and ITO target), JSON-ready; the keys are listed in the README of
-    this package (commands.py `eval_command` writes them to eval.json)."""
+    Returns one dict per SAE (then one per SAE and ITO target), JSON-ready, with the keys in the module docstring.
+    Ablated CE and site statistics are cached per (model, site, contexts), so a later call on the same contexts
+    runs only the clean forward and one forward per SAE."""
     cfg = cfg or EvalConfig()
     if options:
         valid = {f.name for f in dataclasses.fields(EvalConfig)}

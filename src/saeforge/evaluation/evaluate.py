@@ -171,8 +171,11 @@ def evaluate_saes(lm, saes: Iterable[Union[str, Path, torch.nn.Module]], site: s
             for j, (sae, _, _) in enumerate(entries):
 
                 def reconstruct(x: Tensor, j=j, sae=sae) -> Tensor:
-                    x = x.float()
-                    f = sae.encode(x, grad=grads) if getattr(sae, "needs_grad", False) else sae.encode(x)
+                    x = x.to(sae.W_dec.dtype)
+                    if getattr(sae, "needs_grad", False):
+                        f = sae.encode(x, grad=grads.to(x.dtype))
+                    else:
+                        f = sae.encode(x)
                     x_hat = sae.decode(f)
                     recon[j].update(x, x_hat)
                     firing[j].update(f)
@@ -211,13 +214,13 @@ def evaluate_saes(lm, saes: Iterable[Union[str, Path, torch.nn.Module]], site: s
                 "tokens": along_decoder[j].tokens,
             }
         if cfg.steering and j < len(loaded):
-            row["steering"] = _steer(lm, sae, site, batches, firing[j], stats.mean_norm, cfg, keep_bos, gen)
+            row["steering"] = _steer(lm, sae, site, batches, firing[j], stats.mean_norm, cfg, keep_bos, gen, progress)
         results.append(row)
     return results
 
 
 def _steer(lm, sae, site, batches, firing: FiringStats, mean_norm: float, cfg: EvalConfig, keep_bos: bool,
-           gen) -> dict:
+           gen, progress: bool) -> dict:
     """Paper B §4.2 on a seeded sample of the latents alive on the evaluation set."""
     alive = torch.nonzero(firing.frequencies() > 0).flatten()
     if alive.numel() == 0:
@@ -227,7 +230,8 @@ def _steer(lm, sae, site, batches, firing: FiringStats, mean_norm: float, cfg: E
     alpha = cfg.steering_alpha if cfg.steering_alpha is not None else mean_norm
     try:
         return steering_effects(lm, sae.W_dec.detach(), site, contexts, pick.tolist(), alpha=alpha,
-                                top_tokens=cfg.steering_top_tokens, keep_bos=keep_bos, batch_size=cfg.batch_size)
+                                top_tokens=cfg.steering_top_tokens, keep_bos=keep_bos, batch_size=cfg.batch_size,
+                                progress=progress)
     except ValueError as e:  # a site outside the residual stream has no unembedding to steer through
         return {"error": str(e)}
 

@@ -10,15 +10,19 @@ to the site activation (at every spliced position) and measure, averaged over po
 
 from __future__ import annotations
 
+import math
+import sys
+
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from saeforge.evaluation.splice import replace_at, splice_mask
 
 
 @torch.no_grad()
 def steering_effects(lm, W_dec: Tensor, site: str, contexts: Tensor, latents: list[int], *, alpha: float,
-                     top_tokens: int = 10, keep_bos: bool = False, batch_size: int = 4) -> dict:
+                     top_tokens: int = 10, keep_bos: bool = False, batch_size: int = 4, progress: bool = False) -> dict:
     """Per-latent and averaged probability changes; W_dec [M, d_model] must live in the residual space."""
     W_U = lm.unembed()
     if W_dec.shape[1] != W_U.shape[0]:
@@ -33,6 +37,8 @@ def steering_effects(lm, W_dec: Tensor, site: str, contexts: Tensor, latents: li
     off = torch.zeros(len(latents), dtype=torch.float64)
     off_added = torch.zeros(len(latents), dtype=torch.float64)
     n_positions = 0
+    bar = tqdm(total=len(latents) * math.ceil(contexts.shape[0] / batch_size), desc="steering", disable=not progress,
+               file=sys.stderr)
     for start in range(0, contexts.shape[0], batch_size):
         tokens = contexts[start : start + batch_size]
         mask = splice_mask(lm, tokens, keep_bos)
@@ -46,6 +52,8 @@ def steering_effects(lm, W_dec: Tensor, site: str, contexts: Tensor, latents: li
             on[j] += float(on_target.double().sum())
             off[j] += float(delta.double().sum() - on_target.double().sum())
             off_added[j] += float(delta.clamp_min(0).double().sum() - on_target.clamp_min(0).double().sum())
+            bar.update(1)
+    bar.close()
     on, off, off_added = on / n_positions, off / n_positions, off_added / n_positions
     per_latent = [
         {"latent": int(i), "tokens": [int(t) for t in targets[j]], "on_target": float(on[j]),

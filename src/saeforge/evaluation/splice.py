@@ -19,7 +19,7 @@ from torch import Tensor
 from saeforge.data import training_mask
 
 # Vocabulary-sized float32 copies are made this many positions at a time, to bound memory on large vocabularies.
-_CHUNK_POSITIONS = 256
+CHUNK_POSITIONS = 256
 
 
 def splice_mask(lm, tokens: Tensor, keep_bos: bool = False) -> Tensor:
@@ -46,10 +46,10 @@ def next_token_ce(logits: Tensor, tokens: Tensor) -> Tensor:
     flat_logits = logits.reshape(-1, logits.shape[-1])
     flat_targets = targets.reshape(-1)
     out = torch.empty(flat_targets.shape, dtype=torch.float32, device=logits.device)
-    for i in range(0, flat_targets.numel(), _CHUNK_POSITIONS):
-        chunk = flat_logits[i : i + _CHUNK_POSITIONS].float()
-        out[i : i + _CHUNK_POSITIONS] = torch.nn.functional.cross_entropy(
-            chunk, flat_targets[i : i + _CHUNK_POSITIONS], reduction="none"
+    for i in range(0, flat_targets.numel(), CHUNK_POSITIONS):
+        chunk = flat_logits[i : i + CHUNK_POSITIONS].float()
+        out[i : i + CHUNK_POSITIONS] = torch.nn.functional.cross_entropy(
+            chunk, flat_targets[i : i + CHUNK_POSITIONS], reduction="none"
         )
     return out.view(targets.shape)
 
@@ -68,8 +68,8 @@ class CleanDistribution:
         self.probs = torch.empty(flat.shape, dtype=torch.float32, device=flat.device)
         self.neg_entropy = torch.empty(flat.shape[0], dtype=torch.float32, device=flat.device)
         ce = torch.empty_like(self.neg_entropy)
-        for i in range(0, flat.shape[0], _CHUNK_POSITIONS):
-            rows = slice(i, i + _CHUNK_POSITIONS)
+        for i in range(0, flat.shape[0], CHUNK_POSITIONS):
+            rows = slice(i, i + CHUNK_POSITIONS)
             logp = torch.log_softmax(flat[rows].float(), dim=-1)
             self.probs[rows] = logp.exp()
             self.neg_entropy[rows] = (self.probs[rows] * logp).sum(-1)
@@ -82,8 +82,8 @@ class CleanDistribution:
         targets = tokens[:, 1:].reshape(-1, 1).to(flat.device)
         ce = torch.empty(flat.shape[0], dtype=torch.float32, device=flat.device)
         kl = torch.empty_like(ce)
-        for i in range(0, flat.shape[0], _CHUNK_POSITIONS):
-            rows = slice(i, i + _CHUNK_POSITIONS)
+        for i in range(0, flat.shape[0], CHUNK_POSITIONS):
+            rows = slice(i, i + CHUNK_POSITIONS)
             z = flat[rows].float()
             lse = z.logsumexp(-1)
             ce[rows] = lse - z.gather(1, targets[rows]).squeeze(1)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from saeforge.evaluation.splice import replace_at, splice_mask
+from saeforge.evaluation.splice import CHUNK_POSITIONS, replace_at, splice_mask
 
 
 @torch.no_grad()
@@ -47,11 +47,17 @@ def steering_effects(lm, W_dec: Tensor, site: str, contexts: Tensor, latents: li
         for j, direction in enumerate(directions):
             shift = alpha * direction
             edit = replace_at(mask, lambda a, s=shift: a + s.to(device=a.device, dtype=a.dtype))
-            delta = torch.softmax(lm.forward(tokens, edits={site: edit})[mask].float(), dim=-1) - p_clean
-            on_target = delta[:, targets[j].to(delta.device)]
-            on[j] += float(on_target.double().sum())
-            off[j] += float(delta.double().sum() - on_target.double().sum())
-            off_added[j] += float(delta.clamp_min(0).double().sum() - on_target.clamp_min(0).double().sum())
+            logits = lm.forward(tokens, edits={site: edit})[mask]
+            on_ids = targets[j].to(logits.device)
+            for i in range(0, logits.shape[0], CHUNK_POSITIONS):  # bounded vocabulary-sized float32 temporaries
+                rows = slice(i, i + CHUNK_POSITIONS)
+                delta = torch.softmax(logits[rows].float(), dim=-1) - p_clean[rows]
+                on_target = delta[:, on_ids]
+                on[j] += float(on_target.sum(dtype=torch.float64))
+                off[j] += float(delta.sum(dtype=torch.float64) - on_target.sum(dtype=torch.float64))
+                off_added[j] += float(delta.clamp_min(0).sum(dtype=torch.float64)
+                                      - on_target.clamp_min(0).sum(dtype=torch.float64))
+            del logits
             bar.update(1)
     bar.close()
     on, off, off_added = on / n_positions, off / n_positions, off_added / n_positions

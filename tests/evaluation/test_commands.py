@@ -60,6 +60,9 @@ def test_eval_cli_refuses_a_directory_without_an_sae(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "saeforge", "eval", str(tmp_path)], capture_output=True, text=True,
                           env=env, timeout=120)
     assert proc.returncode == 2 and "no cfg.json" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "saeforge", "eval"], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 2 and "no SAE directories" in proc.stderr
 
 
 def _sweep_config(tmp_path: Path, model_dir: Path, corpus: Path) -> Path:

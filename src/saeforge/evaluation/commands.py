@@ -151,6 +151,8 @@ def eval_command(
     from saeforge.viz.eval_figures import eval_figures
 
     try:
+        if not sae_dirs:
+            raise ConfigError("no SAE directories given (saeforge eval SAE_DIR [SAE_DIR ...])")
         cfg = EvalConfig(tokens=tokens, batch_size=batch_size, ito=tuple(ito), steering=steering, analyses=analyses,
                          steering_latents=steering_latents, steering_alpha=steering_alpha)
         groups: dict[tuple[str, str, int], list[Path]] = defaultdict(list)

@@ -212,7 +212,7 @@ def expand_grid(cfg: RunConfig) -> RunConfig:
 
 
 def sweep_command(
-    config: Path,
+    config: Positional[Path],
     out: Optional[Path] = None,
     train: bool = True,
     resume: bool = False,

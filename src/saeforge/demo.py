@@ -16,7 +16,7 @@ from pathlib import Path
 from saeforge.config import DataConfig, EvalConfig, ModelConfig, RunConfig, SAESpec, TrainConfig, to_dict
 
 
-def demo_config(out: Path, site: str, tokens: int, eval_tokens: int, d_sae: int) -> RunConfig:
+def demo_config(out: Path, site: str, tokens: int, eval_tokens: int, d_sae: int, sparsity_coeff: float) -> RunConfig:
     return RunConfig(
         model=ModelConfig(name="embedded", site=site, dtype="bfloat16"),
         data=DataConfig(source="embedded", context_len=128, buffer_tokens=65536, lm_batch_size=16),
@@ -26,11 +26,11 @@ def demo_config(out: Path, site: str, tokens: int, eval_tokens: int, d_sae: int)
             resample_lr_warmup_steps=8, resample_sample_tokens=16384, checkpoint_every=32, log_every=4,
             autocast_bf16=True, out_dir=str(out / "saes"),
         ),
-        eval=EvalConfig(tokens=eval_tokens, batch_size=8, ablation=("zero", "mean"), analyses=False,
+        eval=EvalConfig(tokens=eval_tokens, batch_size=4, ablation=("zero", "mean"), analyses=False,
                         out_dir=str(out / "eval")),
         sae=[
-            SAESpec(architecture="gated", name="gated", d_sae=d_sae, sparsity_coeff=2.0),
-            SAESpec(architecture="relu", name="relu_baseline", d_sae=d_sae * 3 // 2, sparsity_coeff=2.0),
+            SAESpec(architecture="gated", name="gated", d_sae=d_sae, sparsity_coeff=sparsity_coeff),
+            SAESpec(architecture="relu", name="relu_baseline", d_sae=d_sae * 3 // 2, sparsity_coeff=sparsity_coeff),
         ],
     )
 
@@ -47,9 +47,10 @@ def demo_table(rows: list[dict]) -> str:
 def demo_command(
     out: Path = Path("runs/demo"),
     site: str = "blocks.9.resid_post",
-    tokens: int = 524_288,
-    eval_tokens: int = 16_384,
-    d_sae: int = 4096,
+    tokens: int = 393_216,
+    eval_tokens: int = 8_192,
+    d_sae: int = 2048,
+    sparsity_coeff: float = 1.0,
     progress: bool = True,
 ) -> None:
     """Train a Gated SAE and a 1.5x wider ReLU baseline on the embedded Gemma 3 270M, evaluate both, print a table.
@@ -60,6 +61,7 @@ def demo_command(
         tokens: training tokens (shared by both SAEs: one activation stream).
         eval_tokens: held-out tokens for evaluation.
         d_sae: latents of the Gated SAE; the baseline gets 1.5x as many (paper A's equal compute).
+        sparsity_coeff: lambda of both SAEs (on activations scaled to E||x||^2 = d_in).
         progress: show progress bars.
     """
     from saeforge.evaluation.commands import eval_contexts
@@ -70,7 +72,7 @@ def demo_command(
     from saeforge.viz.pareto import pareto_figures
 
     t0 = time.time()
-    cfg = demo_config(Path(out), site, tokens, eval_tokens, d_sae)
+    cfg = demo_config(Path(out), site, tokens, eval_tokens, d_sae, sparsity_coeff)
 
     def say(msg: str) -> None:
         print(f"[demo {time.time() - t0:6.0f}s] {msg}", file=sys.stderr, flush=True)

@@ -291,3 +291,10 @@ def test_weights_of_wrong_shape_are_named(tmp_path):
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=r"tensor 'W_(enc|dec)' has shape"):
         load_sae(tmp_path)
+
+
+def test_variant_names_non_default_switches():
+    assert sf.GatedSAE(d_in=4, d_sae=8).variant() == "gated"
+    assert sf.GatedSAE(d_in=4, d_sae=8, tied=False).variant() == "gated (tied=False)"
+    assert sf.TopKSAE(d_in=4, d_sae=8, k=3).variant() == "topk"
+    assert sf.GradientTopKSAE(d_in=4, d_sae=8, k=3, beta=10.0).variant() == "gradient_topk (beta=10)"

@@ -89,8 +89,9 @@ def _as_batches(contexts, batch_size: int, device) -> list[Tensor]:
 
 def _describe(sae, name: str, path, lm, site: str) -> dict:
     cfg = getattr(sae, "cfg", None) or {}
-    row = {"name": name, "path": path, "architecture": sae.architecture, "model": lm.name, "site": site,
-           "d_in": sae.d_in, "d_sae": sae.d_sae}
+    variant = sae.variant() if hasattr(sae, "variant") else sae.architecture
+    row = {"name": name, "path": path, "architecture": sae.architecture, "variant": variant,
+           "model": lm.name, "site": site, "d_in": sae.d_in, "d_sae": sae.d_sae}
     k = getattr(sae, "k", None)
     if isinstance(sae, GradientPursuitSAE):
         row["ito_k"] = k

@@ -6,6 +6,7 @@ Tensor names and shapes follow SAELens (`W_enc [d_in, d_sae]`, `W_dec [d_sae, d_
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from pathlib import Path
@@ -126,6 +127,13 @@ class SAE(nn.Module):
 
     def options(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.option_names}
+
+    def variant(self) -> str:
+        """The architecture and its non-default switches, e.g. "gated (tied=False)"; k is not a switch."""
+        defaults = {n: p.default for n, p in inspect.signature(type(self).__init__).parameters.items()}
+        changed = [f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                   for k, v in self.options().items() if k not in ("k", "k_aux") and v != defaults.get(k)]
+        return f"{self.architecture} ({', '.join(changed)})" if changed else self.architecture
 
     # ---------------------------------------------------------------- shared behaviour
     def decode(self, f: Tensor) -> Tensor:

@@ -18,7 +18,7 @@ def _by_architecture(rows: list[dict]) -> dict[str, list[dict]]:
     groups: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         if r.get("ito_k") is None:
-            groups[r["architecture"]].append(r)
+            groups[r.get("variant", r["architecture"])].append(r)  # ablation variants get their own line
     return dict(groups)
 
 

@@ -11,7 +11,7 @@ ROOT = Path(__file__).parent / "results"
 COLUMNS = [("name", "SAE", "{}"), ("d_sae", "latents", "{}"), ("setting", "lambda / k", "{}"), ("l0", "L0", "{:.1f}"),
            ("loss_recovered_zero", "LR (zero)", "{:.3f}"), ("loss_recovered_mean", "LR (mean)", "{:.3f}"),
            ("kl_div", "KL", "{:.3f}"), ("l_added", "L_added", "{:.3f}"), ("nmse", "NMSE", "{:.3f}"),
-           ("fvu", "FVU", "{:.3f}"), ("gamma", "gamma", "{:.3f}"), ("dead_fraction", "dead", "{:.3f}"),
+           ("fvu", "FVU", "{:.3f}"), ("gamma", "gamma", "{:.3f}"), ("gamma_centered", "gamma (centred)", "{:.3f}"), ("dead_fraction", "dead", "{:.3f}"),
            ("dense_fraction", "dense", "{:.3f}")]
 
 

@@ -31,6 +31,20 @@ def test_gamma_of_a_shrunk_reconstruction_is_the_shrink_factor():
     assert _feed(ReconstructionStats(), x, 1.25 * x).result()["gamma"] == pytest.approx(1.25, rel=1e-9)
 
 
+def test_centered_gamma_sees_shrinkage_that_a_large_mean_hides():
+    # x = a large constant offset + a small varying part; the reconstruction keeps the offset and shrinks the rest.
+    g = torch.Generator().manual_seed(1)
+    offset = torch.full((16,), 50.0, dtype=torch.float64)
+    varying = torch.randn(200, 16, generator=g, dtype=torch.float64)
+    x, x_hat = offset + varying, offset + 0.7 * varying
+    stats = ReconstructionStats()
+    for xb, xhb in zip(x.split(50), x_hat.split(50)):
+        stats.update(xb, xhb, center=offset)
+    result = stats.result()
+    assert result["gamma"] > 0.99  # pinned near 1 by the offset
+    assert result["gamma_centered"] == pytest.approx(0.7, rel=1e-9)
+
+
 def test_gamma_is_a_ratio_of_sums_over_the_whole_set_not_a_mean_of_batch_ratios():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(60, 8, generator=g)

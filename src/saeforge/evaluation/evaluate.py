@@ -178,7 +178,7 @@ def evaluate_saes(lm, saes: Iterable[Union[str, Path, torch.nn.Module]], site: s
                     else:
                         f = sae.encode(x)
                     x_hat = sae.decode(f)
-                    recon[j].update(x, x_hat)
+                    recon[j].update(x, x_hat, center=sae.b_dec.detach().float())
                     firing[j].update(f)
                     return x_hat
 

@@ -26,6 +26,9 @@ class ReconstructionStats:
       FVU    = E||x - x_hat||^2 / E||x - E x||^2
       cosine = mean over tokens of cos(x, x_hat)
       gamma  = E||x_hat||^2 / E[x_hat . x]    (paper A eq. 9, corrected in the authors' thread; not eq. 10)
+      gamma_centered = the same with x and x_hat taken about `center` (the SAE's b_dec), when one is given: where
+             b_dec carries most of the norm (a residual stream with a large mean), gamma is pinned near 1 for any
+             SAE, and this shows the shrinkage of the part the latents reconstruct.
     """
 
     def __init__(self) -> None:
@@ -37,8 +40,10 @@ class ReconstructionStats:
         self.sum_cos = 0.0
         self.sum_sq_xhat = 0.0
         self.sum_xhat_dot_x = 0.0
+        self.sum_sq_xhat_c = 0.0
+        self.sum_xhat_dot_x_c = 0.0
 
-    def update(self, x: Tensor, x_hat: Tensor) -> None:
+    def update(self, x: Tensor, x_hat: Tensor, center: Tensor | None = None) -> None:
         if x.shape != x_hat.shape or x.ndim != 2:
             raise ValueError(f"x and x_hat must both be [tokens, d]; got {tuple(x.shape)} and {tuple(x_hat.shape)}")
         x, x_hat = x.double(), x_hat.double()
@@ -52,6 +57,10 @@ class ReconstructionStats:
         self.sum_cos += float(torch.nn.functional.cosine_similarity(x, x_hat, dim=-1, eps=1e-12).sum())
         self.sum_sq_xhat += float(x_hat.pow(2).sum())
         self.sum_xhat_dot_x += float((x_hat * x).sum())
+        if center is not None:
+            c = center.double().to(x.device)
+            self.sum_sq_xhat_c += float((x_hat - c).pow(2).sum())
+            self.sum_xhat_dot_x_c += float(((x_hat - c) * (x - c)).sum())
 
     def result(self) -> dict[str, float]:
         if self.n == 0:
@@ -65,6 +74,8 @@ class ReconstructionStats:
             "fvu": (self.sum_sq_err / self.n) / variance if variance > 0 else math.nan,
             "cosine": self.sum_cos / self.n,
             "gamma": self.sum_sq_xhat / self.sum_xhat_dot_x if self.sum_xhat_dot_x != 0 else math.nan,
+            "gamma_centered": (self.sum_sq_xhat_c / self.sum_xhat_dot_x_c if self.sum_xhat_dot_x_c != 0
+                               else math.nan),
         }
 
 

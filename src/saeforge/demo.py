@@ -50,7 +50,7 @@ def demo_command(
     tokens: int = 393_216,
     eval_tokens: int = 8_192,
     d_sae: int = 2048,
-    sparsity_coeff: float = 1.0,
+    sparsity_coeff: float = 0.5,
     progress: bool = True,
 ) -> None:
     """Train a Gated SAE and a 1.5x wider ReLU baseline on the embedded Gemma 3 270M, evaluate both, print a table.

@@ -81,6 +81,10 @@ def pareto_figures(rows: list[dict], out_dir: Path, model: str, site: str) -> li
     drawn.append(_line_plot(rows, "l0", "gamma", out_dir / "pareto_l0_vs_gamma.png", xlabel=L0_LABEL,
                             ylabel="relative reconstruction bias gamma (1 = unbiased, < 1 = shrinkage)",
                             title=f"Shrinkage (paper A eq. 9, corrected)\n{where}", hline=1.0))
+    if any(_finite(r.get("gamma_centered")) for r in rows):
+        drawn.append(_line_plot(rows, "l0", "gamma_centered", out_dir / "pareto_l0_vs_gamma_centered.png",
+                                xlabel=L0_LABEL, ylabel="gamma of x - b_dec and x_hat - b_dec (< 1 = shrinkage)",
+                                title=f"Shrinkage of the part the latents reconstruct\n{where}", hline=1.0))
     drawn.append(_line_plot(rows, "l0", "nmse", out_dir / "pareto_l0_vs_nmse.png", xlabel=L0_LABEL,
                             ylabel="NMSE = mean ||x - x_hat|| / ||x||",
                             title=f"Sparsity vs reconstruction error\n{where}"))

@@ -66,12 +66,9 @@ def demo_command(
         sparsity_coeff: lambda of both SAEs (on activations scaled to E||x||^2 = d_in).
         progress: show progress bars.
     """
-    from saeforge.evaluation.commands import eval_contexts
-    from saeforge.evaluation.evaluate import evaluate_saes
+    from saeforge.evaluation.commands import evaluate_run
     from saeforge.models import load_lm
     from saeforge.training import Trainer
-    from saeforge.viz.eval_figures import eval_figures
-    from saeforge.viz.pareto import pareto_figures
 
     t0 = time.time()
     cfg = demo_config(Path(out), site, tokens, eval_tokens, d_sae, sparsity_coeff)
@@ -85,12 +82,8 @@ def demo_command(
     say(f"training gated ({d_sae} latents) and relu_baseline ({d_sae * 3 // 2}) on {tokens:,} tokens of one stream")
     result = Trainer(cfg, lm=lm, progress=progress).run(overwrite=True)
     say(f"trained {result.steps} steps; evaluating on {eval_tokens:,} held-out tokens")
-    contexts = eval_contexts(lm, cfg.data, cfg.eval.tokens, cfg.eval.batch_size)
-    rows = evaluate_saes(lm, list(result.sae_dirs.values()), site, contexts, cfg.eval, keep_bos=cfg.data.keep_bos,
-                         seed=cfg.train.seed, progress=progress)
     eval_dir = Path(cfg.eval.out_dir)
-    figures = pareto_figures(rows, eval_dir, lm.name, site)
-    figures += eval_figures(rows, eval_dir, f"{lm.name} @ {site}")
+    rows, figures = evaluate_run(lm, cfg, list(result.sae_dirs.values()), eval_dir, progress=progress)
     eval_dir.mkdir(parents=True, exist_ok=True)
     (eval_dir / "eval.json").write_text(json.dumps({"config": to_dict(cfg), "results": rows}, indent=1))
     say("done")

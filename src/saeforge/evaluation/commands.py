@@ -37,13 +37,6 @@ TABLE_COLUMNS = [
 ]
 
 
-def _model_spec(model_name: str) -> str:
-    """The load_lm spec for a model name recorded in an SAE's cfg.json (the embedded model records its own name)."""
-    from saeforge.models.loading import EMBEDDED_NAME
-
-    return "embedded" if model_name == EMBEDDED_NAME else model_name
-
-
 def eval_contexts(lm, data_cfg: DataConfig, tokens: int, batch_size: int = 4) -> torch.Tensor:
     """Held-out contexts (split="eval") of data_cfg.source: enough [context_len] contexts to hold `tokens` tokens,
     or all of them when the split is smaller."""
@@ -168,7 +161,7 @@ def eval_command(
 
     rows, figures = [], []
     for gi, ((model_name, site_name, ctx), dirs) in enumerate(groups.items()):
-        lm = load_lm(_model_spec(model_name), device=device, dtype=dtype)
+        lm = load_lm(model_name, device=device, dtype=dtype)
         contexts = eval_contexts(lm, DataConfig(source=source, context_len=ctx), tokens, batch_size)
         group_rows = evaluate_saes(lm, dirs, site_name, contexts, cfg, keep_bos=keep_bos, seed=seed,
                                        progress=progress)
@@ -211,6 +204,20 @@ def expand_grid(cfg: RunConfig) -> RunConfig:
     return dataclasses.replace(cfg, sae=specs)
 
 
+def evaluate_run(lm, cfg: RunConfig, sae_dirs: list[Path], out: Path, *, progress: bool = True):
+    """Evaluate a run's SAEs on held-out tokens of its model, site and corpus and draw the Pareto and evaluation
+    figures into `out`. Returns (rows, figure paths)."""
+    from saeforge.viz.eval_figures import eval_figures
+    from saeforge.viz.pareto import pareto_figures
+
+    contexts = eval_contexts(lm, cfg.data, cfg.eval.tokens, cfg.eval.batch_size)
+    rows = evaluate_saes(lm, sae_dirs, cfg.model.site, contexts, cfg.eval, keep_bos=cfg.data.keep_bos,
+                         seed=cfg.train.seed, progress=progress)
+    figures = pareto_figures(rows, out, lm.name, cfg.model.site)
+    figures += eval_figures(rows, out, f"{lm.name} @ {cfg.model.site}")
+    return rows, figures
+
+
 def sweep_command(
     config: Positional[Path],
     out: Optional[Path] = None,
@@ -238,8 +245,6 @@ def sweep_command(
     from saeforge.models import load_lm
     from saeforge.training import Trainer, TrainingError
     from saeforge.training.trainer import sae_name, sae_width
-    from saeforge.viz.eval_figures import eval_figures
-    from saeforge.viz.pareto import pareto_figures
 
     try:
         cfg = expand_grid(load_config(config))
@@ -264,12 +269,8 @@ def sweep_command(
         print(f"saeforge sweep: error: {e}", file=sys.stderr)
         raise SystemExit(2 if isinstance(e, ConfigError) else 1) from None
 
-    contexts = eval_contexts(lm, cfg.data, cfg.eval.tokens, cfg.eval.batch_size)
-    rows = evaluate_saes(lm, sae_dirs, cfg.model.site, contexts, cfg.eval, keep_bos=cfg.data.keep_bos,
-                             seed=cfg.train.seed, progress=progress)
+    rows, figures = evaluate_run(lm, cfg, sae_dirs, out, progress=progress)
     csv_path = write_csv(rows, out / "sweep.csv")
-    figures = pareto_figures(rows, out, lm.name, cfg.model.site)
-    figures += eval_figures(rows, out, f"{lm.name} @ {cfg.model.site}")
     _write_json(out / "sweep.json", {"config": to_dict(cfg), "results": rows, "figures": [str(p) for p in figures]})
     print(markdown_table(rows))
     print(f"\ncsv:     {csv_path}\nresults: {out / 'sweep.json'}")

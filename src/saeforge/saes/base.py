@@ -36,12 +36,14 @@ class SAELoss:
     """Scalars (`total`, `recon`, `sparsity`, `aux`) are batch means of per-token sums over dimensions.
 
     `feats` [batch, d_sae] is built on first use when the SAE gave its active latents sparsely (`active`, a pair
-    (values, indices) [batch, k]); `fired()` counts firings per latent without building it."""
+    (values, indices) [batch, k]); `fired()` counts firings per latent without building it, or returns the counts
+    a hand-derived backward already made (`fired_counts`)."""
 
     def __init__(self, total: Tensor, recon: Tensor, sparsity: Tensor, aux: Tensor, feats: Tensor | None,
-                 x_hat: Tensor, active: tuple[Tensor, Tensor] | None = None, d_sae: int | None = None):
+                 x_hat: Tensor, active: tuple[Tensor, Tensor] | None = None, d_sae: int | None = None,
+                 fired_counts: Tensor | None = None):
         self.total, self.recon, self.sparsity, self.aux, self.x_hat = total, recon, sparsity, aux, x_hat
-        self._feats, self.active, self._d_sae = feats, active, d_sae
+        self._feats, self.active, self._d_sae, self._fired = feats, active, d_sae, fired_counts
 
     @property
     def feats(self) -> Tensor:
@@ -54,6 +56,8 @@ class SAELoss:
     @torch.no_grad()
     def fired(self) -> Tensor:
         """Per-latent count of tokens on which the latent is non-zero in this batch, int32 [d_sae]."""
+        if self._fired is not None:
+            return self._fired
         if self._feats is None and self.active is not None:
             vals, idx = self.active
             return torch.bincount(idx[vals != 0], minlength=self._d_sae).to(torch.int32)
@@ -71,6 +75,57 @@ def encoder_pre_acts(x: Tensor, W: Tensor, b: Tensor | None, b_dec: Tensor) -> T
         bias = bias + b
     x_c = (x - b_dec.detach()).reshape(-1, x.shape[-1])
     return torch.addmm(bias, x_c, W).reshape(*x.shape[:-1], W.shape[1])
+
+
+def add_grad(param: Tensor, grad: Tensor) -> None:
+    """Accumulate into param.grad as backward() would; frozen parameters are skipped."""
+    if not param.requires_grad:
+        return
+    grad = grad.to(param.dtype)
+    if param.grad is None:
+        param.grad = grad.contiguous()
+    else:
+        param.grad.add_(grad)
+
+
+def relu_backward_(grad: Tensor, out: Tensor) -> Tensor:
+    """In place: grad where out > 0, else 0 (the ReLU's backward; one pass, no mask tensor)."""
+    return torch.ops.aten.threshold_backward.grad_input(grad, out, 0, grad_input=grad)
+
+
+def with_ones_column(a: Tensor, dtype: torch.dtype) -> Tensor:
+    """[rows, k] -> [rows, k + 1] in dtype, the last column ones. The hand-derived backwards multiply by these
+    instead of adding a bias or summing over rows afterwards: the bias (a last row of the other operand), or the
+    column sums (the last row of a^T @ b), then cost one more column of a product instead of a pass over
+    [rows, d_sae]."""
+    out = a.new_empty(a.shape[0], a.shape[1] + 1, dtype=dtype)
+    out[:, :-1] = a
+    out[:, -1] = 1
+    return out
+
+
+def with_bias_row(w: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
+    """[k, n], [n] -> [k + 1, n] in dtype, b the last row: with_ones_column(x) @ this = x @ w + b."""
+    out = w.new_empty(w.shape[0] + 1, w.shape[1], dtype=dtype)
+    out[:-1] = w
+    out[-1] = b
+    return out
+
+
+def count_fired(f: Tensor) -> Tensor:
+    """Per-latent count of positive entries of f [rows, d_sae] (f >= 0), int32: column sums of sign(f) as products
+    with ones, which is cheaper than comparing and summing. A bfloat16 product is exact up to 256, so the rows go in
+    blocks of 256."""
+    signs = torch.sign(f)
+    rows, d_sae = signs.shape
+    whole = rows - rows % 256
+    counts = torch.zeros(d_sae, dtype=torch.int32, device=f.device)
+    if whole:
+        blocks = signs[:whole].view(-1, 256, d_sae)
+        counts += torch.bmm(blocks.new_ones(blocks.shape[0], 1, 256), blocks).sum((0, 1), dtype=torch.int32)
+    if whole < rows:
+        counts += signs[whole:].sum(0, dtype=torch.int32)
+    return counts
 
 
 def squared_error(x: Tensor, x_hat: Tensor) -> Tensor:
@@ -108,6 +163,30 @@ class SAE(nn.Module):
     def loss(self, x: Tensor, sparsity_coeff: float | None = None, grad: Tensor | None = None,
              dead_mask: Tensor | None = None) -> SAELoss:
         raise NotImplementedError
+
+    def loss_and_grads(self, x: Tensor, sparsity_coeff: float | None = None, grad: Tensor | None = None,
+                       dead_mask: Tensor | None = None, compute_dtype: torch.dtype | None = None) -> SAELoss:
+        """`loss`, with the gradient of its total accumulated into each parameter's .grad (as total.backward()).
+
+        compute_dtype=torch.bfloat16 runs the matrix products in bfloat16, as autocast would. This default is
+        autograd; the trained architectures override it with a hand-derived backward that gives the same values
+        (tests/saes/test_backward.py) without an autograd graph or float32 [batch, d_sae] temporaries."""
+        self._compute_dtype(compute_dtype)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=compute_dtype == torch.bfloat16):
+            out = self.loss(x, sparsity_coeff=sparsity_coeff, grad=grad, dead_mask=dead_mask)
+        out.total.backward()
+        return out
+
+    def _compute_dtype(self, compute_dtype: torch.dtype | None) -> torch.dtype:
+        if compute_dtype not in (None, torch.bfloat16, self.W_dec.dtype):
+            raise ValueError(f"{type(self).__name__}: compute_dtype must be None (the parameters' dtype) or "
+                             f"torch.bfloat16, got {compute_dtype}")
+        return compute_dtype or self.W_dec.dtype
+
+    def _train_input(self, x: Tensor, compute_dtype: torch.dtype | None) -> tuple[Tensor, torch.dtype]:
+        """Checked input as [tokens, d_in] in the parameters' dtype, and the dtype of the products."""
+        self.check_input(x)
+        return x.reshape(-1, self.d_in).to(self.W_dec.dtype), self._compute_dtype(compute_dtype)
 
     def latent_params(self) -> dict[str, int]:
         """Parameter name -> the dimension that indexes latents (for Adam-state resets and resampling)."""

@@ -16,7 +16,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from saeforge.saes.base import SAE, SAELoss, encoder_pre_acts, register, squared_error
+from saeforge.saes.base import (SAE, SAELoss, add_grad, count_fired, encoder_pre_acts, register, relu_backward_,
+                                squared_error, with_bias_row, with_ones_column)
 
 
 @register("gated")
@@ -108,6 +109,74 @@ class GatedSAE(SAE):
         aux = squared_error(x, via_gate @ W_dec + b_dec)  # eq. 8, third term
         total = recon + sparsity_coeff * sparsity + aux
         return SAELoss(total, recon, sparsity, aux, f, x_hat)
+
+    @torch.no_grad()
+    def loss_and_grads(self, x, sparsity_coeff=None, grad=None, dead_mask=None, compute_dtype=None) -> SAELoss:
+        """`loss` and its gradients by hand. Products: the encoder (one for the tied paths), the decoder and the
+        auxiliary decoder, d f and d ReLU(pi_gate) through the decoder, W_dec's gradient, and the input-side
+        gradients of the two paths (kept apart, so that r_mag's gradient is a sum over [d_in, d_sae], not over
+        the batch)."""
+        if sparsity_coeff is None and not self.magnitude_only:
+            raise ValueError("GatedSAE.loss needs sparsity_coeff (lambda in paper A eq. 8)")
+        x, cd = self._train_input(x, compute_dtype)
+        n, lam = x.shape[0], float(sparsity_coeff or 0.0)
+        x_1 = with_ones_column(x - self.b_dec, cd)
+        exp_r = torch.exp(self.r_mag)
+        pi_gate = x_1 @ with_bias_row(self.W_enc, self.b_gate, cd)
+        if self.tied:  # pi_mag = exp(r_mag) * (pi_gate - b_gate) + b_mag
+            pi_mag = torch.addcmul((self.b_mag - exp_r * self.b_gate).to(cd), pi_gate, exp_r.to(cd))
+        else:
+            pi_mag = x_1 @ with_bias_row(self.W_mag, self.b_mag, cd)
+        f = relu_backward_(pi_mag.relu_(), pi_gate)  # 1[pi_gate > 0] * ReLU(pi_mag), eq. 6, in place
+        W_dec = self.W_dec.to(cd)
+        x_hat = (f @ W_dec).float() + self.b_dec
+        err = x_hat - x
+        recon = err.pow(2).sum() / n
+        g = err.mul_(2.0 / n).to(cd)  # d recon / d x_hat
+        x_1_t = x_1.T.contiguous()
+        d_mag = relu_backward_(g @ W_dec.T, f)  # d pi_mag: f = pi_mag where f > 0
+        mag_grad = x_1_t @ d_mag  # [d_in + 1, d_sae]: the last row is b_mag's gradient
+        zero = torch.zeros_like(recon)
+        sparsity = aux = zero
+        w_dec_grad = (f.T @ g).float()
+        b_dec_grad = g.float().sum(0)
+        if not self.magnitude_only:
+            via_gate = pi_gate.relu_()
+            aux_err = (via_gate @ W_dec).float() + self.b_dec - x
+            aux = aux_err.pow(2).sum() / n  # eq. 8, third term
+            g_aux = aux_err.mul_(2.0 / n).to(cd)
+            gate_sums = via_gate.sum(0).float()
+            norms = self.W_dec.norm(dim=1) if self.sparsity_penalty == "l1_decoder_norm" else None
+            sparsity = (gate_sums @ norms if norms is not None else gate_sums.sum()) / n
+            d_penalty = (lam / n) * (norms if norms is not None else torch.ones_like(self.b_gate))
+            d_gate = relu_backward_(with_ones_column(g_aux, cd) @ with_bias_row(self.W_dec.T, d_penalty, cd),
+                                    via_gate)
+            gate_grad = x_1_t @ d_gate
+            if not self.freeze_aux_decoder:  # the auxiliary term and the penalty's norms also train the decoder
+                w_dec_grad += (via_gate.T @ g_aux).float()
+                b_dec_grad += g_aux.float().sum(0)
+                if norms is not None:
+                    w_dec_grad += (lam / n) * (gate_sums / norms)[:, None] * self.W_dec
+            add_grad(self.b_gate, gate_grad[-1])
+        # b_dec is also subtracted at the input of both paths.
+        if self.tied:
+            mag_w = mag_grad[:-1].float()
+            add_grad(self.r_mag, exp_r * (self.W_enc * mag_w).sum(0))  # d pi_mag / d r_mag = exp(r_mag) * pre
+            w_enc_grad = exp_r * mag_w
+            b_dec_grad -= (exp_r * mag_grad[-1].float()) @ self.W_enc.T
+        else:
+            add_grad(self.W_mag, mag_grad[:-1])
+            b_dec_grad -= mag_grad[-1].float() @ self.W_mag.T
+            w_enc_grad = torch.zeros_like(self.W_enc)
+        if not self.magnitude_only:
+            w_enc_grad = w_enc_grad + gate_grad[:-1].float()
+            b_dec_grad -= gate_grad[-1].float() @ self.W_enc.T
+        add_grad(self.b_mag, mag_grad[-1])
+        add_grad(self.W_enc, w_enc_grad)
+        add_grad(self.W_dec, w_dec_grad)
+        add_grad(self.b_dec, b_dec_grad)
+        total = recon + lam * sparsity + aux
+        return SAELoss(total, recon, sparsity, aux, f, x_hat, fired_counts=count_fired(f))
 
     def latent_params(self) -> dict[str, int]:
         params = {"W_enc": 1, "b_gate": 0, "b_mag": 0, "W_dec": 0}

@@ -41,10 +41,10 @@ class GradientTopKSAE(TopKSAE):
     def selection_score(self, pre: Tensor, grad: Tensor) -> Tensor:
         """z + beta * z * a with z = ReLU(pre). Written as pre * (1 + beta * a): for pre > 0 it is the same, and for
         pre <= 0 (z = 0) it stays <= 0, so the top k (and the values kept, ReLU(pre)) are unchanged."""
-        g = grad.to(self.W_dec.dtype)
+        g = grad.float()
         if self.grad_norm == "unit_rms":
-            g = g / g.float().pow(2).mean().sqrt().clamp_min(1e-30).to(g.dtype)
-        a = (g @ self.W_dec.T).abs()  # |W_dec grad|, one entry per latent
+            g = g / g.pow(2).mean().sqrt().clamp_min(1e-30)
+        a = (g.to(pre.dtype) @ self.W_dec.to(pre.dtype).T).abs()  # |W_dec grad|, one entry per latent, in pre's dtype
         return pre * (1 + self.beta * a)
 
     def select(self, pre: Tensor, grad: Tensor | None) -> Tensor:

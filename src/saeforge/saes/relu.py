@@ -7,7 +7,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from saeforge.saes.base import SAE, SAELoss, encoder_pre_acts, register, squared_error
+from saeforge.saes.base import (SAE, SAELoss, add_grad, count_fired, encoder_pre_acts, register, relu_backward_,
+                                squared_error, with_bias_row, with_ones_column)
 
 SparsityPenalty = Literal["l1", "l1_decoder_norm"]
 
@@ -49,6 +50,39 @@ class ReluSAE(SAE):
             sparsity = (f.float() * self.W_dec.float().norm(dim=1)).sum(-1).mean()
         total = recon + sparsity_coeff * sparsity  # eq. 4
         return SAELoss(total, recon, sparsity, torch.zeros_like(recon), f, x_hat)
+
+    @torch.no_grad()
+    def loss_and_grads(self, x, sparsity_coeff=None, grad=None, dead_mask=None, compute_dtype=None) -> SAELoss:
+        """`loss` and its gradients by hand: the five products of a step, and three passes over [batch, d_sae]."""
+        if sparsity_coeff is None:
+            raise ValueError("ReluSAE.loss needs sparsity_coeff (lambda in paper A eq. 4)")
+        x, cd = self._train_input(x, compute_dtype)
+        n, lam = x.shape[0], float(sparsity_coeff)
+        x_1 = with_ones_column(x - self.b_dec, cd)
+        f = (x_1 @ with_bias_row(self.W_enc, self.b_enc, cd)).relu_()  # eq. 2
+        W_dec = self.W_dec.to(cd)
+        x_hat = (f @ W_dec).float() + self.b_dec  # eq. 3
+        err = x_hat - x
+        recon = err.pow(2).sum() / n
+        g_1 = with_ones_column(err.mul_(2.0 / n), cd)  # d recon / d x_hat
+        # d(lambda * penalty)/df is the same for every token: a bias of the product that gives d f.
+        norms = self.W_dec.norm(dim=1) if self.sparsity_penalty == "l1_decoder_norm" else None
+        d_penalty = (lam / n) * (norms if norms is not None else torch.ones_like(self.b_enc))
+        d_pre = relu_backward_(g_1 @ with_bias_row(self.W_dec.T, d_penalty, cd), f)
+        w_dec_grad = f.T @ g_1  # [d_sae, d_in + 1]: the last column sums f over tokens
+        f_sums = w_dec_grad[:, -1].float()
+        sparsity = (f_sums @ norms if norms is not None else f_sums.sum()) / n
+        w_dec_grad = w_dec_grad[:, :-1].float()
+        if norms is not None:  # d ||W_dec[i]|| = W_dec[i] / ||W_dec[i]||
+            w_dec_grad += (lam / n) * (f_sums / norms)[:, None] * self.W_dec
+        w_enc_grad = x_1.T.contiguous() @ d_pre  # [d_in + 1, d_sae]: the last row is b_enc's gradient
+        add_grad(self.W_dec, w_dec_grad)
+        add_grad(self.W_enc, w_enc_grad[:-1])
+        add_grad(self.b_enc, w_enc_grad[-1])
+        # b_dec is added at the output and subtracted at the input.
+        add_grad(self.b_dec, g_1[:, :-1].float().sum(0) - w_enc_grad[-1].float() @ self.W_enc.T)
+        total = recon + lam * sparsity
+        return SAELoss(total, recon, sparsity, torch.zeros_like(recon), f, x_hat, fired_counts=count_fired(f))
 
     def latent_params(self) -> dict[str, int]:
         return {"W_enc": 1, "b_enc": 0, "W_dec": 0}

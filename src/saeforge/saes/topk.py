@@ -8,11 +8,49 @@ Decoding gathers the k active decoder rows (embedding_bag), which is much cheape
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from saeforge.saes.base import SAE, SAELoss, check_k, encoder_pre_acts, register, squared_error
+from saeforge.saes.base import (SAE, SAELoss, add_grad, check_k, encoder_pre_acts, register, squared_error,
+                                with_bias_row, with_ones_column)
+
+
+class ActiveLatents:
+    """The selected latents of each token, idx [tokens, k] (sorted in each row), as a sparse [tokens, d_sae]
+    matrix, with the two sparse products a training step needs besides decoding. Each costs tokens * k * d_in
+    multiply-adds, where the dense product would cost tokens * d_sae * d_in. Float32: the sparse kernels have no
+    bfloat16 version, and at this size they do not need one."""
+
+    def __init__(self, idx: Tensor, d_sae: int):
+        self.idx, self.d_sae = idx, d_sae
+        n, k = idx.shape
+        flat = idx.reshape(-1)
+        self.rows = torch.arange(0, n * k + 1, k, device=idx.device)
+        # The transpose (latents as rows) for sums over tokens: entries grouped by latent.
+        self.order = flat.argsort(stable=True)
+        self.rows_t = torch.zeros(d_sae + 1, dtype=torch.long, device=idx.device)
+        self.rows_t[1:] = torch.bincount(flat, minlength=d_sae).cumsum(0)
+        self.tokens_t = self.order // k
+
+    @staticmethod
+    def _csr(rows: Tensor, cols: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": the operations used here are not
+            warnings.simplefilter("ignore")
+            return torch.sparse_csr_tensor(rows, cols, values, shape)
+
+    def sum_over_tokens(self, values: Tensor, y: Tensor) -> Tensor:
+        """[d_sae, dim]: for each latent, the sum over tokens of its value [tokens, k] times the token's y."""
+        n = self.idx.shape[0]
+        return self._csr(self.rows_t, self.tokens_t, values.reshape(-1)[self.order], (self.d_sae, n)) @ y
+
+    def dot_rows(self, y: Tensor, W: Tensor) -> Tensor:
+        """[tokens, k]: y[token] . W[latent] for each active latent (y @ W^T sampled at the active entries)."""
+        n, k = self.idx.shape
+        pattern = self._csr(self.rows, self.idx.reshape(-1), y.new_ones(n * k), (n, self.d_sae))
+        return torch.sparse.sampled_addmm(pattern, y, W.T, beta=0.0).values().view(n, k)
 
 
 @register("topk")
@@ -85,6 +123,52 @@ class TopKSAE(SAE):
             aux = squared_error(residual, self.decode_sparse(aux_vals, aux_idx, bias=False))
         total = recon + self.aux_coeff * aux
         return SAELoss(total, recon, torch.zeros_like(recon), aux, None, x_hat, active=(vals, idx), d_sae=self.d_sae)
+
+    @torch.no_grad()
+    def loss_and_grads(self, x, sparsity_coeff=None, grad=None, dead_mask=None, compute_dtype=None) -> SAELoss:
+        """`loss` and its gradients by hand. The encoder is the one dense product (and g-SAE's projection in the
+        selection); after the selection everything touches only the selected latents (`ActiveLatents`)."""
+        x, cd = self._train_input(x, compute_dtype)
+        n = x.shape[0]
+        if grad is not None:
+            grad = grad.reshape(-1, self.d_in)
+        x_c = x - self.b_dec
+        pre = with_ones_column(x_c, cd) @ with_bias_row(self.W_enc, self.b_enc, cd)
+        idx = self.select(pre, grad).sort(dim=-1).values
+        vals = pre.gather(-1, idx).float().relu_()
+        active = ActiveLatents(idx, self.d_sae)
+        x_hat = self.decode_sparse(vals, idx)
+        err = x_hat - x
+        recon = err.pow(2).sum() / n
+        aux = torch.zeros_like(recon)
+        g = err * (2.0 / n)  # d recon / d x_hat
+        w_dec_grad = active.sum_over_tokens(vals, g)
+        d_vals = active.dot_rows(g, self.W_dec).mul_(vals > 0)  # through the ReLU
+        w_enc_grad_t = active.sum_over_tokens(d_vals, x_c)
+        b_enc_grad = torch.bincount(idx.reshape(-1), weights=d_vals.reshape(-1), minlength=self.d_sae)
+        if dead_mask is not None and bool(dead_mask.any()):
+            # AuxK: the top k_aux dead latents reconstruct the residual x - x_hat (a target: no gradient to x_hat).
+            dead = dead_mask.to(pre.device).nonzero()[:, 0]
+            pre_dead = pre.index_select(1, dead)
+            aux_idx = dead[pre_dead.topk(min(self.k_aux, dead.numel()), dim=-1, sorted=False).indices]
+            aux_idx = aux_idx.sort(dim=-1).values
+            aux_vals = pre.gather(-1, aux_idx).float().relu_()
+            dead_active = ActiveLatents(aux_idx, self.d_sae)
+            aux_err = self.decode_sparse(aux_vals, aux_idx, bias=False) + err
+            aux = aux_err.pow(2).sum() / n
+            g_aux = aux_err.mul_(2.0 * self.aux_coeff / n)
+            w_dec_grad += dead_active.sum_over_tokens(aux_vals, g_aux)
+            d_aux = dead_active.dot_rows(g_aux, self.W_dec).mul_(aux_vals > 0)
+            w_enc_grad_t += dead_active.sum_over_tokens(d_aux, x_c)
+            b_enc_grad += torch.bincount(aux_idx.reshape(-1), weights=d_aux.reshape(-1), minlength=self.d_sae)
+        add_grad(self.W_dec, w_dec_grad)
+        add_grad(self.W_enc, w_enc_grad_t.T)
+        add_grad(self.b_enc, b_enc_grad)
+        add_grad(self.b_dec, g.sum(0) - b_enc_grad.to(self.W_enc.dtype) @ self.W_enc.T)
+        fired = torch.bincount(idx.reshape(-1)[vals.reshape(-1) > 0], minlength=self.d_sae).to(torch.int32)
+        total = recon + self.aux_coeff * aux
+        return SAELoss(total, recon, torch.zeros_like(recon), aux, None, x_hat, active=(vals, idx), d_sae=self.d_sae,
+                       fired_counts=fired)
 
     def latent_params(self) -> dict[str, int]:
         return {"W_enc": 1, "b_enc": 0, "W_dec": 0}

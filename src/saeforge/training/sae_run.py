@@ -74,10 +74,9 @@ class SAERun:
         dead_mask = None
         if self.uses_aux_k:
             dead_mask = self.tracker.dead_mask(tokens_after - x.shape[0], self.train.aux_k_dead_tokens)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.train.autocast_bf16):
-            out = self.sae.loss(x, sparsity_coeff=coeff, grad=grad if self.sae.needs_grad else None,
-                                dead_mask=dead_mask)
-        out.total.backward()
+        out = self.sae.loss_and_grads(x, sparsity_coeff=coeff, grad=grad if self.sae.needs_grad else None,
+                                      dead_mask=dead_mask,
+                                      compute_dtype=torch.bfloat16 if self.train.autocast_bf16 else None)
         # Data parallelism goes here: all-reduce (mean) the parameter gradients across ranks before the step.
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -27,6 +27,7 @@ from tyro.conf import Positional
 
 from saeforge.config import ConfigError, RunConfig, SAESpec, load_config, to_dict
 from saeforge.saes import GatedSAE, create_sae, load_sae
+from saeforge.training.memory import keep_freed_memory
 from saeforge.training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from saeforge.training.monitor import Monitor, summary_table
 from saeforge.training.sae_run import DEFAULT_BETAS, SAERun
@@ -90,6 +91,8 @@ class Trainer:
         self.out_dir = Path(cfg.train.out_dir)
         self.checkpoint_dir = self.out_dir / "checkpoints"
         self.device = torch.device(cfg.train.device or cfg.model.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         self.rank, self.world_size = 0, 1
         for spec in cfg.sae:
             if spec.architecture not in TRAINABLE:

@@ -25,14 +25,17 @@ sparse path saves.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
+import types
 
 import torch
 
 from saeforge.config import TrainConfig
 from saeforge.saes import create_sae
+from saeforge.saes.base import SAE
 from saeforge.training.memory import keep_freed_memory
 from saeforge.training.sae_run import DEFAULT_BETAS, SAERun
 
@@ -104,8 +107,18 @@ def bench(arch: str, bf16: bool, rounds: int, device: torch.device) -> dict:
         i = next(counter)
         run.step(x, grad, i, (i + 1) * BATCH)
 
+    reference = copy.deepcopy(sae)
+    reference.loss_and_grads = types.MethodType(SAE.loss_and_grads, reference)  # autograd
+    run_autograd = SAERun(arch, reference, train, total_steps=10**6, lr=3e-4, betas=DEFAULT_BETAS[arch],
+                          sparsity_coeff=run.sparsity_coeff, resample=False, seed=0)
+    counter_autograd = iter(range(10**9))
+
+    def autograd_step():
+        i = next(counter_autograd)
+        run_autograd.step(x, grad, i, (i + 1) * BATCH)
+
     dtype = torch.bfloat16 if bf16 else torch.float32
-    fns = {"step": step, "floor": products(FLOOR_PRODUCTS[arch], dtype, device)}
+    fns = {"step": step, "floor": products(FLOOR_PRODUCTS[arch], dtype, device), "autograd_step": autograd_step}
     if arch in ("topk", "gradient_topk"):
         scores = torch.randn(BATCH, D_SAE, device=device, dtype=dtype, generator=g)
         fns["selection"] = lambda: scores.topk(K, dim=-1, sorted=False)
@@ -117,7 +130,9 @@ def bench(arch: str, bf16: bool, rounds: int, device: torch.device) -> dict:
               "tokens_per_s": round(BATCH / step_med), "step_s": round(step_med, 5), "step_s_min": round(step_min, 5),
               "floor_s": round(floor_med, 5), "floor_s_min": round(floor_min, 5),
               "floor_products": len(FLOOR_PRODUCTS[arch]),
-              "ratio": round(step_med / floor_med, 3), "ratio_min": round(step_min / floor_min, 3)}
+              "ratio": round(step_med / floor_med, 3), "ratio_min": round(step_min / floor_min, 3),
+              "autograd_step_s": round(times["autograd_step"][1], 5),
+              "speedup_vs_autograd": round(times["autograd_step"][1] / step_med, 2)}
     if "selection" in times:
         result.update(selection_s_min=round(times["selection"][0], 5),
                       dense_floor_s_min=round(times["dense_floor"][0], 5))

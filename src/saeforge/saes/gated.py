@@ -16,8 +16,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from saeforge.saes.base import (SAE, SAELoss, add_grad, count_fired, encoder_pre_acts, register, relu_backward_,
-                                squared_error, with_bias_row, with_ones_column)
+from saeforge.saes.base import (SAE, SAELoss, add_grad, count_fired, decoder_grad, encoder_pre_acts, register,
+                                relu_backward_, squared_error, with_bias_row, with_ones_column)
 
 
 @register("gated")
@@ -138,7 +138,7 @@ class GatedSAE(SAE):
         mag_grad = x_1_t @ d_mag  # [d_in + 1, d_sae]: the last row is b_mag's gradient
         zero = torch.zeros_like(recon)
         sparsity = aux = zero
-        w_dec_grad = (f.T @ g).float()
+        w_dec_grad = decoder_grad(f, g)[0]
         b_dec_grad = g.float().sum(0)
         if not self.magnitude_only:
             via_gate = pi_gate.relu_()
@@ -153,10 +153,10 @@ class GatedSAE(SAE):
                                     via_gate)
             gate_grad = x_1_t @ d_gate
             if not self.freeze_aux_decoder:  # the auxiliary term and the penalty's norms also train the decoder
-                w_dec_grad += (via_gate.T @ g_aux).float()
+                w_dec_grad = w_dec_grad + decoder_grad(via_gate, g_aux)[0]
                 b_dec_grad += g_aux.float().sum(0)
                 if norms is not None:
-                    w_dec_grad += (lam / n) * (gate_sums / norms)[:, None] * self.W_dec
+                    w_dec_grad = w_dec_grad + (lam / n) * (gate_sums / norms)[:, None] * self.W_dec
             add_grad(self.b_gate, gate_grad[-1])
         # b_dec is also subtracted at the input of both paths.
         if self.tied:

@@ -7,8 +7,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from saeforge.saes.base import (SAE, SAELoss, add_grad, count_fired, encoder_pre_acts, register, relu_backward_,
-                                squared_error, with_bias_row, with_ones_column)
+from saeforge.saes.base import (SAE, SAELoss, add_grad, count_fired, decoder_grad, encoder_pre_acts, register,
+                                relu_backward_, squared_error, with_bias_row, with_ones_column)
 
 SparsityPenalty = Literal["l1", "l1_decoder_norm"]
 
@@ -69,12 +69,11 @@ class ReluSAE(SAE):
         norms = self.W_dec.norm(dim=1) if self.sparsity_penalty == "l1_decoder_norm" else None
         d_penalty = (lam / n) * (norms if norms is not None else torch.ones_like(self.b_enc))
         d_pre = relu_backward_(g_1 @ with_bias_row(self.W_dec.T, d_penalty, cd), f)
-        w_dec_grad = f.T @ g_1  # [d_sae, d_in + 1]: the last column sums f over tokens
-        f_sums = w_dec_grad[:, -1].float()
+        w_dec_grad, f_sums = decoder_grad(f, g_1[:, :-1])
+        f_sums = f_sums.float()
         sparsity = (f_sums @ norms if norms is not None else f_sums.sum()) / n
-        w_dec_grad = w_dec_grad[:, :-1].float()
         if norms is not None:  # d ||W_dec[i]|| = W_dec[i] / ||W_dec[i]||
-            w_dec_grad += (lam / n) * (f_sums / norms)[:, None] * self.W_dec
+            w_dec_grad = w_dec_grad.float() + (lam / n) * (f_sums / norms)[:, None] * self.W_dec
         w_enc_grad = x_1.T.contiguous() @ d_pre  # [d_in + 1, d_sae]: the last row is b_enc's gradient
         add_grad(self.W_dec, w_dec_grad)
         add_grad(self.W_enc, w_enc_grad[:-1])

@@ -18,8 +18,8 @@ import torch
 
 def project_out_radial_grad(weight: torch.Tensor, grad: torch.Tensor) -> None:
     """In place: grad_i <- grad_i - (grad_i . w_i) w_i for every row i of a unit-norm-row weight."""
-    radial = (grad * weight).sum(dim=1, keepdim=True)
-    grad.sub_(radial * weight)
+    radial = torch.linalg.vecdot(grad, weight, dim=1).unsqueeze(1)
+    grad.addcmul_(radial, weight, value=-1.0)
 
 
 @torch.no_grad()

@@ -209,3 +209,22 @@ def test_rescale_and_shift_needs_a_saved_baseline(tmp_path):
     spec = SAESpec("gated", name="r", d_sae=48, options={"rescale_shift_from": str(tmp_path / "missing")})
     with pytest.raises(ConfigError, match="missing"):
         Trainer(config(tmp_path, [spec]), stream=stream(), progress=False).run()
+
+
+def test_hand_derived_steps_train_as_autograd_does(tmp_path, monkeypatch):
+    """Whole runs (warmups, resampling, AuxK, constrained Adam) through SAE.loss_and_grads end where the same runs
+    through autograd on SAE.loss end, to float32 rounding."""
+    from saeforge.saes.base import SAE
+
+    fast = Trainer(config(tmp_path / "fast", MIXED), stream=stream(), progress=False)
+    fast.run()
+    for cls in {type(run.sae) for run in fast.runs.values()}:
+        monkeypatch.setattr(cls, "loss_and_grads", SAE.loss_and_grads)
+    slow = Trainer(config(tmp_path / "autograd", MIXED), stream=stream(), progress=False)
+    slow.run()
+    assert fast.resamples == slow.resamples
+    for name, run in slow.runs.items():
+        for key, value in run.sae.state_dict().items():
+            torch.testing.assert_close(fast.runs[name].sae.state_dict()[key], value, rtol=1e-4, atol=1e-5,
+                                       msg=f"{name}.{key}")
+        assert torch.equal(fast.runs[name].tracker.counts, run.tracker.counts)

@@ -202,6 +202,8 @@ class TrainConfig:
     lr_decay_start_frac: float = 0.8  # decay to 0 over the last (1 - frac) of the steps
     sparsity_warmup_steps: int = 0  # lambda rises linearly from 0 over this many steps
     autocast_bf16: bool = False
+    # CPU: glibc keeps freed memory for reuse (saeforge.training.memory); the whole process, memory never returned
+    keep_freed_memory: bool = True
     b_dec_init: Literal["geometric_median", "mean", "zeros"] = "geometric_median"  # from the first batch
     seed: int = 0
     device: Optional[str] = None  # where the SAEs train; None = model.device

@@ -11,7 +11,7 @@ from saeforge.saes import create_sae
 from saeforge.saes.base import count_fired
 from saeforge.saes.gated import GatedSAE
 
-D_IN, D_SAE, TOKENS = 48, 256, 300
+D_IN, D_SAE, TOKENS = 45, 256, 300  # d_in not a multiple of the 16 that decoder_grad pads to
 
 CASES = {
     "relu": ("relu", {}),
@@ -27,6 +27,7 @@ CASES = {
     "topk-auxk": ("topk", {"k": 8, "k_aux": 16}),
     "gradient_topk": ("gradient_topk", {"k": 8, "beta": 3.0}),
     "gradient_topk-unit_rms": ("gradient_topk", {"k": 8, "beta": 3.0, "grad_norm": "unit_rms"}),
+    "gradient_topk-auxk": ("gradient_topk", {"k": 8, "k_aux": 16, "beta": 3.0}),
 }
 
 
@@ -46,7 +47,7 @@ def make(case: str, seed: int = 0):
             sae.W_mag.normal_(0, 0.2)
     x = 2 * torch.randn(TOKENS, D_IN)
     grad = torch.randn(TOKENS, D_IN) if sae.needs_grad else None
-    dead = torch.arange(D_SAE) % 3 == 0 if case == "topk-auxk" else None
+    dead = torch.arange(D_SAE) % 3 == 0 if case.endswith("auxk") else None
     coeff = 0.7 if sae.uses_sparsity_coeff else None
     return sae, dict(x=x, sparsity_coeff=coeff, grad=grad, dead_mask=dead)
 
@@ -111,3 +112,45 @@ def test_count_fired_is_exact(dtype, rows):
     f = torch.relu(torch.randn(rows, 64)).to(dtype)
     f[:, 7] = 0.5  # fires on every row: a bf16 sum over 700 rows would round
     assert torch.equal(count_fired(f), (f > 0).sum(0, dtype=torch.int32))
+
+
+def test_leading_dimensions_are_kept():
+    sae, inputs = make("gated")
+    inputs["x"] = inputs["x"][:294].reshape(6, 49, D_IN)
+    reference = copy.deepcopy(sae)
+    expected = reference.loss(**inputs)
+    expected.total.backward()
+    got = sae.loss_and_grads(**inputs)
+    assert got.x_hat.shape == expected.x_hat.shape == (6, 49, D_IN)
+    assert got.feats.shape == expected.feats.shape == (6, 49, D_SAE)
+    torch.testing.assert_close(sae.W_enc.grad, reference.W_enc.grad)
+
+
+@pytest.mark.parametrize("case", ["relu-decoder-norm", "gated-decoder-norm-unfrozen"])
+def test_zero_decoder_row_has_a_finite_gradient(case):
+    sae, inputs = make(case)
+    with torch.no_grad():
+        sae.W_dec[3] = 0
+    reference = copy.deepcopy(sae)
+    reference.loss(**inputs).total.backward()
+    sae.loss_and_grads(**inputs)
+    assert torch.isfinite(sae.W_dec.grad).all()
+    torch.testing.assert_close(sae.W_dec.grad, reference.W_dec.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("case", ["relu", "gated-rescale-shift", "topk-auxk"])
+def test_other_parameter_dtypes_go_through_autograd(case, dtype):
+    sae, inputs = make(case)
+    sae = sae.to(dtype)
+    inputs["x"] = inputs["x"].to(dtype)
+    out = sae.loss_and_grads(**inputs, compute_dtype=torch.bfloat16 if dtype == torch.bfloat16 else None)
+    assert torch.isfinite(out.total)
+    assert all(p.grad is not None and p.grad.dtype == dtype for p in sae.parameters() if p.requires_grad)
+
+
+def test_empty_batch_is_refused():
+    sae, inputs = make("relu")
+    inputs["x"] = inputs["x"][:0]
+    with pytest.raises(ValueError, match="no tokens"):
+        sae.loss_and_grads(**inputs)

@@ -187,25 +187,35 @@ class SAE(nn.Module):
                        dead_mask: Tensor | None = None, compute_dtype: torch.dtype | None = None) -> SAELoss:
         """`loss`, with the gradient of its total accumulated into each parameter's .grad (as total.backward()).
 
-        compute_dtype=torch.bfloat16 runs the matrix products in bfloat16, as autocast would. This default is
-        autograd; the trained architectures override it with a hand-derived backward that gives the same values
-        (tests/saes/test_backward.py) without an autograd graph or float32 [batch, d_sae] temporaries."""
-        self._compute_dtype(compute_dtype)
+        compute_dtype=torch.bfloat16 runs the matrix products in bfloat16, as autocast would. With float32
+        parameters (the trainer's master weights) an architecture's hand-derived backward (`grads_by_hand`) does
+        the work: the same values as autograd (tests/saes/test_backward.py) without an autograd graph. Otherwise
+        this is autograd."""
+        if compute_dtype not in (None, torch.bfloat16, self.W_dec.dtype):
+            raise ValueError(f"{type(self).__name__}: compute_dtype must be None (the parameters' dtype) or "
+                             f"torch.bfloat16, got {compute_dtype}")
+        if self.W_dec.dtype == torch.float32:
+            self.check_input(x)
+            if x.numel() == 0:
+                raise ValueError(f"{type(self).__name__}: x has no tokens (shape {tuple(x.shape)})")
+            with torch.no_grad():
+                out = self.grads_by_hand(x.reshape(-1, self.d_in).float(), sparsity_coeff, grad, dead_mask,
+                                         compute_dtype or torch.float32)
+            if out is not None:
+                out.x_hat = out.x_hat.reshape(x.shape)
+                if out._feats is not None:
+                    out._feats = out._feats.reshape(*x.shape[:-1], self.d_sae)
+                return out
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=compute_dtype == torch.bfloat16):
             out = self.loss(x, sparsity_coeff=sparsity_coeff, grad=grad, dead_mask=dead_mask)
         out.total.backward()
         return out
 
-    def _compute_dtype(self, compute_dtype: torch.dtype | None) -> torch.dtype:
-        if compute_dtype not in (None, torch.bfloat16, self.W_dec.dtype):
-            raise ValueError(f"{type(self).__name__}: compute_dtype must be None (the parameters' dtype) or "
-                             f"torch.bfloat16, got {compute_dtype}")
-        return compute_dtype or self.W_dec.dtype
-
-    def _train_input(self, x: Tensor, compute_dtype: torch.dtype | None) -> tuple[Tensor, torch.dtype]:
-        """Checked input as [tokens, d_in] in the parameters' dtype, and the dtype of the products."""
-        self.check_input(x)
-        return x.reshape(-1, self.d_in).to(self.W_dec.dtype), self._compute_dtype(compute_dtype)
+    def grads_by_hand(self, x: Tensor, sparsity_coeff: float | None, grad: Tensor | None,
+                      dead_mask: Tensor | None, compute_dtype: torch.dtype) -> SAELoss | None:
+        """The architecture's hand-derived backward, if it has one (else None: autograd). x is checked, [tokens,
+        d_in], float32, and gradients are off; compute_dtype is the dtype of the products."""
+        return None
 
     def latent_params(self) -> dict[str, int]:
         """Parameter name -> the dimension that indexes latents (for Adam-state resets and resampling)."""

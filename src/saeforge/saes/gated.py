@@ -110,15 +110,14 @@ class GatedSAE(SAE):
         total = recon + sparsity_coeff * sparsity + aux
         return SAELoss(total, recon, sparsity, aux, f, x_hat)
 
-    @torch.no_grad()
-    def loss_and_grads(self, x, sparsity_coeff=None, grad=None, dead_mask=None, compute_dtype=None) -> SAELoss:
+    def grads_by_hand(self, x, sparsity_coeff, grad, dead_mask, compute_dtype) -> SAELoss:
         """`loss` and its gradients by hand. Products: the encoder (one for the tied paths), the decoder and the
-        auxiliary decoder, d f and d ReLU(pi_gate) through the decoder, W_dec's gradient, and the input-side
-        gradients of the two paths (kept apart, so that r_mag's gradient is a sum over [d_in, d_sae], not over
-        the batch)."""
+        auxiliary decoder, d f and d ReLU(pi_gate) through the decoder, W_dec's gradient (a second one when the
+        auxiliary term trains the decoder too), and the input-side gradients of the two paths (kept apart, so that
+        r_mag's gradient is a sum over [d_in, d_sae], not over the batch)."""
         if sparsity_coeff is None and not self.magnitude_only:
-            raise ValueError("GatedSAE.loss needs sparsity_coeff (lambda in paper A eq. 8)")
-        x, cd = self._train_input(x, compute_dtype)
+            raise ValueError("GatedSAE needs sparsity_coeff (lambda in paper A eq. 8)")
+        cd = compute_dtype
         n, lam = x.shape[0], float(sparsity_coeff or 0.0)
         x_1 = with_ones_column(x - self.b_dec, cd)
         exp_r = torch.exp(self.r_mag)
@@ -156,23 +155,22 @@ class GatedSAE(SAE):
                 w_dec_grad = w_dec_grad + decoder_grad(via_gate, g_aux)[0]
                 b_dec_grad += g_aux.float().sum(0)
                 if norms is not None:
-                    w_dec_grad = w_dec_grad + (lam / n) * (gate_sums / norms)[:, None] * self.W_dec
+                    per_norm = torch.where(norms > 0, gate_sums / norms, 0.0)  # a zero row: gradient 0
+                    w_dec_grad = w_dec_grad + (lam / n) * per_norm[:, None] * self.W_dec
             add_grad(self.b_gate, gate_grad[-1])
         # b_dec is also subtracted at the input of both paths.
+        add_grad(self.b_mag, mag_grad[-1])
         if self.tied:
             mag_w = mag_grad[:-1].float()
             add_grad(self.r_mag, exp_r * (self.W_enc * mag_w).sum(0))  # d pi_mag / d r_mag = exp(r_mag) * pre
-            w_enc_grad = exp_r * mag_w
+            add_grad(self.W_enc, exp_r * mag_w)  # W_mag = diag(exp(r_mag)) W_gate
             b_dec_grad -= (exp_r * mag_grad[-1].float()) @ self.W_enc.T
         else:
             add_grad(self.W_mag, mag_grad[:-1])
             b_dec_grad -= mag_grad[-1].float() @ self.W_mag.T
-            w_enc_grad = torch.zeros_like(self.W_enc)
         if not self.magnitude_only:
-            w_enc_grad = w_enc_grad + gate_grad[:-1].float()
+            add_grad(self.W_enc, gate_grad[:-1])
             b_dec_grad -= gate_grad[-1].float() @ self.W_enc.T
-        add_grad(self.b_mag, mag_grad[-1])
-        add_grad(self.W_enc, w_enc_grad)
         add_grad(self.W_dec, w_dec_grad)
         add_grad(self.b_dec, b_dec_grad)
         total = recon + lam * sparsity + aux

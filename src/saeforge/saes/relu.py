@@ -51,12 +51,11 @@ class ReluSAE(SAE):
         total = recon + sparsity_coeff * sparsity  # eq. 4
         return SAELoss(total, recon, sparsity, torch.zeros_like(recon), f, x_hat)
 
-    @torch.no_grad()
-    def loss_and_grads(self, x, sparsity_coeff=None, grad=None, dead_mask=None, compute_dtype=None) -> SAELoss:
+    def grads_by_hand(self, x, sparsity_coeff, grad, dead_mask, compute_dtype) -> SAELoss:
         """`loss` and its gradients by hand: the five products of a step, and three passes over [batch, d_sae]."""
         if sparsity_coeff is None:
-            raise ValueError("ReluSAE.loss needs sparsity_coeff (lambda in paper A eq. 4)")
-        x, cd = self._train_input(x, compute_dtype)
+            raise ValueError("ReluSAE needs sparsity_coeff (lambda in paper A eq. 4)")
+        cd = compute_dtype
         n, lam = x.shape[0], float(sparsity_coeff)
         x_1 = with_ones_column(x - self.b_dec, cd)
         f = (x_1 @ with_bias_row(self.W_enc, self.b_enc, cd)).relu_()  # eq. 2
@@ -73,7 +72,8 @@ class ReluSAE(SAE):
         f_sums = f_sums.float()
         sparsity = (f_sums @ norms if norms is not None else f_sums.sum()) / n
         if norms is not None:  # d ||W_dec[i]|| = W_dec[i] / ||W_dec[i]||
-            w_dec_grad = w_dec_grad.float() + (lam / n) * (f_sums / norms)[:, None] * self.W_dec
+            per_norm = torch.where(norms > 0, f_sums / norms, 0.0)  # a zero row's norm has gradient 0, as in torch
+            w_dec_grad = w_dec_grad.float() + (lam / n) * per_norm[:, None] * self.W_dec
         w_enc_grad = x_1.T.contiguous() @ d_pre  # [d_in + 1, d_sae]: the last row is b_enc's gradient
         add_grad(self.W_dec, w_dec_grad)
         add_grad(self.W_enc, w_enc_grad[:-1])

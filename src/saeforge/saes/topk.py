@@ -124,11 +124,10 @@ class TopKSAE(SAE):
         total = recon + self.aux_coeff * aux
         return SAELoss(total, recon, torch.zeros_like(recon), aux, None, x_hat, active=(vals, idx), d_sae=self.d_sae)
 
-    @torch.no_grad()
-    def loss_and_grads(self, x, sparsity_coeff=None, grad=None, dead_mask=None, compute_dtype=None) -> SAELoss:
+    def grads_by_hand(self, x, sparsity_coeff, grad, dead_mask, compute_dtype) -> SAELoss:
         """`loss` and its gradients by hand. The encoder is the one dense product (and g-SAE's projection in the
         selection); after the selection everything touches only the selected latents (`ActiveLatents`)."""
-        x, cd = self._train_input(x, compute_dtype)
+        cd = compute_dtype
         n = x.shape[0]
         if grad is not None:
             grad = grad.reshape(-1, self.d_in)

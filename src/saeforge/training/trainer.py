@@ -27,8 +27,8 @@ from tyro.conf import Positional
 
 from saeforge.config import ConfigError, RunConfig, SAESpec, load_config, to_dict
 from saeforge.saes import GatedSAE, create_sae, load_sae
-from saeforge.training.memory import keep_freed_memory
 from saeforge.training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from saeforge.training.memory import keep_freed_memory
 from saeforge.training.monitor import Monitor, summary_table
 from saeforge.training.sae_run import DEFAULT_BETAS, SAERun
 
@@ -73,7 +73,7 @@ def _fingerprint(cfg: RunConfig) -> dict:
     """The parts of a config a resumed run must share with the checkpoint (tokens, logging may change)."""
     train = {k: v for k, v in to_dict(cfg.train).items()
              if k not in ("tokens", "checkpoint_every", "keep_checkpoints", "log_every", "tensorboard",
-                          "wandb_project", "out_dir", "device")}
+                          "wandb_project", "out_dir", "device", "keep_freed_memory")}
     return {"model": {"name": cfg.model.name, "site": cfg.model.site}, "data": to_dict(cfg.data),
             "train": train, "sae": to_dict(cfg.sae)}
 
@@ -91,7 +91,7 @@ class Trainer:
         self.out_dir = Path(cfg.train.out_dir)
         self.checkpoint_dir = self.out_dir / "checkpoints"
         self.device = torch.device(cfg.train.device or cfg.model.device)
-        if self.device.type == "cpu":
+        if self.device.type == "cpu" and cfg.train.keep_freed_memory:
             keep_freed_memory()
         self.rank, self.world_size = 0, 1
         for spec in cfg.sae:

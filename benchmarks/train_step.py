@@ -108,7 +108,7 @@ def bench(arch: str, bf16: bool, rounds: int, device: torch.device) -> dict:
         run.step(x, grad, i, (i + 1) * BATCH)
 
     reference = copy.deepcopy(sae)
-    reference.loss_and_grads = types.MethodType(SAE.loss_and_grads, reference)  # autograd
+    reference.grads_by_hand = types.MethodType(SAE.grads_by_hand, reference)  # None: loss_and_grads uses autograd
     run_autograd = SAERun(arch, reference, train, total_steps=10**6, lr=3e-4, betas=DEFAULT_BETAS[arch],
                           sparsity_coeff=run.sparsity_coeff, resample=False, seed=0)
     counter_autograd = iter(range(10**9))

@@ -228,3 +228,22 @@ def test_hand_derived_steps_train_as_autograd_does(tmp_path, monkeypatch):
             torch.testing.assert_close(fast.runs[name].sae.state_dict()[key], value, rtol=1e-4, atol=1e-5,
                                        msg=f"{name}.{key}")
         assert torch.equal(fast.runs[name].tracker.counts, run.tracker.counts)
+
+
+def test_wandb_logs_offline_and_a_resumed_run_continues_it(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    spec = [SAESpec("relu", d_sae=48, sparsity_coeff=0.5, name="relu")]
+    cfg = config(tmp_path, spec, wandb_project="saeforge-test", log_every=2)
+    Trainer(cfg, stream=stream(), progress=False).run()
+    out = tmp_path / "run"
+    run_id = (out / "wandb_run_id").read_text()
+    (run_file,) = (out / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")
+    logged = run_file.read_bytes()
+    for key in (b"relu/loss", b"relu/l0", b"relu/dead_frac", b"tokens_per_s"):
+        assert key in logged, key
+    longer = config(tmp_path, spec, wandb_project="saeforge-test", log_every=2, tokens=14 * BATCH)
+    Trainer(longer, stream=stream(), progress=False).run(resume=True)
+    assert (out / "wandb_run_id").read_text() == run_id
+    assert len(list((out / "wandb").glob(f"offline-run-*-{run_id}"))) == 2  # one W&B run id, two segments

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ class Monitor:
         start_step: int,
         batch_size: int,
         log_dir: Optional[Path],
+        out_dir: Path,
         wandb_project: Optional[str],
         run_name: str,
         config: dict,
@@ -38,7 +40,12 @@ class Monitor:
                 import wandb
             except ImportError as e:
                 raise RuntimeError("train.wandb_project is set but wandb is not installed (pip install wandb)") from e
-            self.wandb = wandb.init(project=wandb_project, name=run_name, config=config, resume="allow")
+            # The W&B run's id lives in the out_dir, so that a resumed training run continues the same W&B run.
+            id_file = out_dir / "wandb_run_id"
+            if start_step == 0 or not id_file.exists():
+                id_file.write_text(secrets.token_hex(4))
+            self.wandb = wandb.init(project=wandb_project, name=run_name, config=config, id=id_file.read_text(),
+                                    resume="allow", dir=str(out_dir))
         self._t0, self._step0 = time.perf_counter(), start_step
 
     def advance(self, steps: int = 1) -> None:

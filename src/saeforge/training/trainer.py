@@ -301,7 +301,7 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "run_config.json").write_text(json.dumps(to_dict(self.cfg), indent=1))
         monitor = Monitor(total_steps=self.total_steps, start_step=self.step, batch_size=t.batch_size,
-                          log_dir=self.out_dir / "tensorboard" if t.tensorboard else None,
+                          log_dir=self.out_dir / "tensorboard" if t.tensorboard else None, out_dir=self.out_dir,
                           wandb_project=t.wandb_project, run_name=self.out_dir.name, config=to_dict(self.cfg),
                           progress=self.progress)
         batches = iter(self.stream)

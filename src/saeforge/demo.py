@@ -8,7 +8,6 @@ held-out text -> a table of L0, loss recovered, gamma and dead fraction, and the
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -66,7 +65,7 @@ def demo_command(
         sparsity_coeff: lambda of both SAEs (on activations scaled to E||x||^2 = d_in).
         progress: show progress bars.
     """
-    from saeforge.evaluation.commands import evaluate_run
+    from saeforge.evaluation.commands import evaluate_run, write_json
     from saeforge.models import load_lm
     from saeforge.training import Trainer
 
@@ -85,7 +84,7 @@ def demo_command(
     eval_dir = Path(cfg.eval.out_dir)
     rows, figures = evaluate_run(lm, cfg, list(result.sae_dirs.values()), eval_dir, progress=progress)
     eval_dir.mkdir(parents=True, exist_ok=True)
-    (eval_dir / "eval.json").write_text(json.dumps({"config": to_dict(cfg), "results": rows}, indent=1))
+    write_json(eval_dir / "eval.json", {"config": to_dict(cfg), "results": rows})
     say("done")
 
     print(f"\nsaeforge demo: {lm.name} @ {site}, {result.tokens_seen:,} training tokens, "

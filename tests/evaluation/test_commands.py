@@ -152,3 +152,13 @@ options = {use_r_mag = false}
 def test_markdown_table_formats_missing_values():
     table = markdown_table([{"name": "a", "architecture": "relu", "l0": 3.25, "gamma": float("nan")}])
     assert table.splitlines()[2] == "| a | relu | 3.2 | - |"
+
+
+def test_json_files_are_strict_json(tmp_path):
+    from saeforge.evaluation.commands import write_json
+
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    path = write_json(tmp_path / "eval.json", {"results": [{"gamma": float("nan"), "l0": 3.5, "kl": float("inf")}]})
+    assert json.loads(path.read_text(), parse_constant=refuse) == {"results": [{"gamma": None, "l0": 3.5, "kl": None}]}

@@ -81,10 +81,23 @@ def write_csv(rows: list[dict], path: Path) -> Path:
     return path
 
 
-def _write_json(path: Path, payload: dict) -> Path:
+def finite_or_null(value):
+    """The payload with NaN and infinities as None, so the file is JSON that strict parsers read (a metric that
+    could not be computed, e.g. gamma with no active latents, is null)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    return value
+
+
+def write_json(path: Path, payload: dict) -> Path:
+    """Strict JSON (NaN as null), written under a temporary name and renamed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=1, allow_nan=True))
+    tmp.write_text(json.dumps(finite_or_null(payload), indent=1, allow_nan=False))
     tmp.replace(path)
     return path
 
@@ -170,7 +183,7 @@ def eval_command(
         rows += group_rows
     settings = {"tokens": tokens, "source": source, "keep_bos": keep_bos, "device": device, "dtype": dtype,
                 "seed": seed, **{k: v for k, v in to_dict(cfg).items() if not k.startswith("grid_")}}
-    _write_json(out / "eval.json", {"settings": settings, "results": rows, "figures": [str(p) for p in figures]})
+    write_json(out / "eval.json", {"settings": settings, "results": rows, "figures": [str(p) for p in figures]})
     print(markdown_table(rows))
     print(f"\nresults: {out / 'eval.json'}")
     for p in figures:
@@ -271,7 +284,7 @@ def sweep_command(
 
     rows, figures = evaluate_run(lm, cfg, sae_dirs, out, progress=progress)
     csv_path = write_csv(rows, out / "sweep.csv")
-    _write_json(out / "sweep.json", {"config": to_dict(cfg), "results": rows, "figures": [str(p) for p in figures]})
+    write_json(out / "sweep.json", {"config": to_dict(cfg), "results": rows, "figures": [str(p) for p in figures]})
     print(markdown_table(rows))
     print(f"\ncsv:     {csv_path}\nresults: {out / 'sweep.json'}")
     for p in figures:

@@ -131,8 +131,8 @@ class TopKSAE(SAE):
         n = x.shape[0]
         if grad is not None:
             grad = grad.reshape(-1, self.d_in)
-        x_c = x - self.b_dec
-        pre = with_ones_column(x_c, cd) @ with_bias_row(self.W_enc, self.b_enc, cd)
+        x_c_1 = with_ones_column(x - self.b_dec, torch.float32)
+        pre = x_c_1.to(cd) @ with_bias_row(self.W_enc, self.b_enc, cd)
         idx = self.select(pre, grad).sort(dim=-1).values
         vals = pre.gather(-1, idx).float().relu_()
         active = ActiveLatents(idx, self.d_sae)
@@ -143,8 +143,9 @@ class TopKSAE(SAE):
         g = err * (2.0 / n)  # d recon / d x_hat
         w_dec_grad = active.sum_over_tokens(vals, g)
         d_vals = active.dot_rows(g, self.W_dec).mul_(vals > 0)  # through the ReLU
-        w_enc_grad_t = active.sum_over_tokens(d_vals, x_c)
-        b_enc_grad = torch.bincount(idx.reshape(-1), weights=d_vals.reshape(-1), minlength=self.d_sae)
+        # [d_sae, d_in + 1]: W_enc's gradient (transposed) and, from the ones column, b_enc's (a deterministic sum,
+        # unlike a scatter-add with atomics on a GPU).
+        enc_grad_t = active.sum_over_tokens(d_vals, x_c_1)
         if dead_mask is not None and bool(dead_mask.any()):
             # AuxK: the top k_aux dead latents reconstruct the residual x - x_hat (a target: no gradient to x_hat).
             dead = dead_mask.to(pre.device).nonzero()[:, 0]
@@ -158,12 +159,12 @@ class TopKSAE(SAE):
             g_aux = aux_err.mul_(2.0 * self.aux_coeff / n)
             w_dec_grad += dead_active.sum_over_tokens(aux_vals, g_aux)
             d_aux = dead_active.dot_rows(g_aux, self.W_dec).mul_(aux_vals > 0)
-            w_enc_grad_t += dead_active.sum_over_tokens(d_aux, x_c)
-            b_enc_grad += torch.bincount(aux_idx.reshape(-1), weights=d_aux.reshape(-1), minlength=self.d_sae)
+            enc_grad_t += dead_active.sum_over_tokens(d_aux, x_c_1)
+        b_enc_grad = enc_grad_t[:, -1]
         add_grad(self.W_dec, w_dec_grad)
-        add_grad(self.W_enc, w_enc_grad_t.T)
+        add_grad(self.W_enc, enc_grad_t[:, :-1].T)
         add_grad(self.b_enc, b_enc_grad)
-        add_grad(self.b_dec, g.sum(0) - b_enc_grad.to(self.W_enc.dtype) @ self.W_enc.T)
+        add_grad(self.b_dec, g.sum(0) - b_enc_grad @ self.W_enc.T)
         fired = torch.bincount(idx.reshape(-1)[vals.reshape(-1) > 0], minlength=self.d_sae).to(torch.int32)
         total = recon + self.aux_coeff * aux
         return SAELoss(total, recon, torch.zeros_like(recon), aux, None, x_hat, active=(vals, idx), d_sae=self.d_sae,

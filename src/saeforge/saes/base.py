@@ -1,6 +1,8 @@
 """The shared base of every SAE: input checks, initialisation, save/load in SAELens's layout, the registry.
 
-An architecture is one file that subclasses `SAE`, declares its parameters and implements `encode` and `loss`.
+An architecture is one file that subclasses `SAE`, declares its parameters and implements `encode` and `loss`
+(the paper's equations, differentiated by autograd), and, for training speed, `grads_by_hand` (the same loss with
+its gradients derived by hand; add the architecture to tests/saes/test_backward.py, which holds the two together).
 Tensor names and shapes follow SAELens (`W_enc [d_in, d_sae]`, `W_dec [d_sae, d_in]`, ...), so export is a copy.
 """
 

@@ -133,6 +133,13 @@ def decoder_grad(f: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
     return out[:d_in].T, out[d_in]
 
 
+def decoder_norm_penalty_grad(W_dec: Tensor, sums: Tensor, norms: Tensor, coeff: float) -> Tensor:
+    """W_dec's gradient from coeff * sum_i sums[i] * ||W_dec[i]|| (the decoder-norm-weighted L1, with sums the
+    per-latent sums of the penalised activations): d ||W_dec[i]|| = W_dec[i] / ||W_dec[i]||, and 0 for a zero row,
+    as torch's norm gives."""
+    return (coeff * torch.where(norms > 0, sums / norms, 0.0))[:, None] * W_dec
+
+
 def count_fired(f: Tensor) -> Tensor:
     """Per-latent count of positive entries of f [rows, d_sae] (f >= 0), int32: column sums of sign(f) as products
     with ones, which is cheaper than comparing and summing. A bfloat16 product is exact up to 256, so the rows go in

@@ -16,8 +16,9 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from saeforge.saes.base import (SAE, SAELoss, add_grad, count_fired, decoder_grad, encoder_pre_acts, register,
-                                relu_backward_, squared_error, with_bias_row, with_ones_column)
+from saeforge.saes.base import (SAE, SAELoss, add_grad, count_fired, decoder_grad, decoder_norm_penalty_grad,
+                                encoder_pre_acts, register, relu_backward_, squared_error, with_bias_row,
+                                with_ones_column)
 
 
 @register("gated")
@@ -155,8 +156,7 @@ class GatedSAE(SAE):
                 w_dec_grad = w_dec_grad + decoder_grad(via_gate, g_aux)[0]
                 b_dec_grad += g_aux.float().sum(0)
                 if norms is not None:
-                    per_norm = torch.where(norms > 0, gate_sums / norms, 0.0)  # a zero row: gradient 0
-                    w_dec_grad = w_dec_grad + (lam / n) * per_norm[:, None] * self.W_dec
+                    w_dec_grad = w_dec_grad + decoder_norm_penalty_grad(self.W_dec, gate_sums, norms, lam / n)
             add_grad(self.b_gate, gate_grad[-1])
         # b_dec is also subtracted at the input of both paths.
         add_grad(self.b_mag, mag_grad[-1])

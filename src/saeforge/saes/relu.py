@@ -7,8 +7,9 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from saeforge.saes.base import (SAE, SAELoss, add_grad, count_fired, decoder_grad, encoder_pre_acts, register,
-                                relu_backward_, squared_error, with_bias_row, with_ones_column)
+from saeforge.saes.base import (SAE, SAELoss, add_grad, count_fired, decoder_grad, decoder_norm_penalty_grad,
+                                encoder_pre_acts, register, relu_backward_, squared_error, with_bias_row,
+                                with_ones_column)
 
 SparsityPenalty = Literal["l1", "l1_decoder_norm"]
 
@@ -71,9 +72,8 @@ class ReluSAE(SAE):
         w_dec_grad, f_sums = decoder_grad(f, g_1[:, :-1])
         f_sums = f_sums.float()
         sparsity = (f_sums @ norms if norms is not None else f_sums.sum()) / n
-        if norms is not None:  # d ||W_dec[i]|| = W_dec[i] / ||W_dec[i]||
-            per_norm = torch.where(norms > 0, f_sums / norms, 0.0)  # a zero row's norm has gradient 0, as in torch
-            w_dec_grad = w_dec_grad.float() + (lam / n) * per_norm[:, None] * self.W_dec
+        if norms is not None:
+            w_dec_grad = w_dec_grad.float() + decoder_norm_penalty_grad(self.W_dec, f_sums, norms, lam / n)
         w_enc_grad = x_1.T.contiguous() @ d_pre  # [d_in + 1, d_sae]: the last row is b_enc's gradient
         add_grad(self.W_dec, w_dec_grad)
         add_grad(self.W_enc, w_enc_grad[:-1])

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from saeforge.models import load_lm
+from saeforge.models.precision import hardware_record
 
 
 def truncated_backbone(lm, last_block: int) -> nn.Module:
@@ -110,7 +111,7 @@ def main() -> None:
         "site": site,
         "batch": args.batch,
         "seq": args.seq,
-        "torch_threads": torch.get_num_threads(),
+        **hardware_record(),
     }
     for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
         result[name] = measure(dtype, site, args.block, args.batch, args.seq, args.repeats, args.grad_repeats)

@@ -34,6 +34,7 @@ import types
 import torch
 
 from saeforge.config import TrainConfig
+from saeforge.models.precision import hardware_record
 from saeforge.saes import create_sae
 from saeforge.saes.base import SAE
 from saeforge.training.memory import keep_freed_memory
@@ -95,9 +96,11 @@ def bench(arch: str, bf16: bool, rounds: int, device: torch.device) -> dict:
     torch.manual_seed(0)
     options = {"k": K} if arch in ("topk", "gradient_topk") else {}
     sae = create_sae(arch, d_in=D_IN, d_sae=D_SAE, **options).to(device)
-    train = TrainConfig(batch_size=BATCH, autocast_bf16=bf16, lr_warmup_steps=0, tensorboard=False)
+    train = TrainConfig(batch_size=BATCH, lr_warmup_steps=0, tensorboard=False)
+    compute_dtype = torch.bfloat16 if bf16 else torch.float32
     run = SAERun(arch, sae, train, total_steps=10**6, lr=3e-4, betas=DEFAULT_BETAS[arch],
-                 sparsity_coeff=1.0 if sae.uses_sparsity_coeff else None, resample=False, seed=0)
+                 sparsity_coeff=1.0 if sae.uses_sparsity_coeff else None, resample=False, seed=0,
+                 compute_dtype=compute_dtype)
     g = torch.Generator(device=device).manual_seed(1)
     x = torch.randn(BATCH, D_IN, device=device, generator=g)  # E||x||^2 = d_in, as the trainer's scaled input
     grad = torch.randn(BATCH, D_IN, device=device, generator=g) if sae.needs_grad else None
@@ -110,7 +113,7 @@ def bench(arch: str, bf16: bool, rounds: int, device: torch.device) -> dict:
     reference = copy.deepcopy(sae)
     reference.grads_by_hand = types.MethodType(SAE.grads_by_hand, reference)  # None: loss_and_grads uses autograd
     run_autograd = SAERun(arch, reference, train, total_steps=10**6, lr=3e-4, betas=DEFAULT_BETAS[arch],
-                          sparsity_coeff=run.sparsity_coeff, resample=False, seed=0)
+                          sparsity_coeff=run.sparsity_coeff, resample=False, seed=0, compute_dtype=compute_dtype)
     counter_autograd = iter(range(10**9))
 
     def autograd_step():
@@ -125,7 +128,7 @@ def bench(arch: str, bf16: bool, rounds: int, device: torch.device) -> dict:
         fns["dense_floor"] = products(DENSE_STEP, dtype, device)
     times = {name: summary(t) for name, t in interleaved(fns, rounds, device).items()}
     (step_min, step_med), (floor_min, floor_med) = times["step"], times["floor"]
-    result = {"arch": arch, "dtype": "bf16" if bf16 else "fp32", "device": str(device),
+    result = {"arch": arch, "dtype": "bf16" if bf16 else "fp32", **hardware_record(device),
               "d_in": D_IN, "d_sae": D_SAE, "batch": BATCH, **options, "rounds": rounds,
               "tokens_per_s": round(BATCH / step_med), "step_s": round(step_med, 5), "step_s_min": round(step_min, 5),
               "floor_s": round(floor_med, 5), "floor_s_min": round(floor_min, 5),

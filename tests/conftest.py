@@ -24,3 +24,14 @@ def tiny_lm_factory():
         return built[family, seed]
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def _fp32_when_auto(monkeypatch, tmp_path_factory):
+    """`dtype = "auto"` resolves to float32 in every test, whatever this CPU's bf16 speed, so results do not depend
+    on the machine; the per-machine probe cache is a temporary file. Tests of the choice inject their own probe."""
+    from saeforge.models import precision
+
+    cache = tmp_path_factory.mktemp("precision") / "precision.json"
+    monkeypatch.setattr(precision, "_cache_file", lambda: cache)
+    monkeypatch.setattr(precision, "measure_bf16_speedup", lambda *a, **k: 0.0)

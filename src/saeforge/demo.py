@@ -1,76 +1,117 @@
-"""`saeforge demo`: the main job end to end on the embedded model, sized for a few minutes on 2 CPU cores.
+"""`saeforge demo`: the main job end to end on the embedded model, sized for minutes on 2 CPU cores.
 
-Gemma 3 270M (embedded) -> Wikipedia leads (embedded) -> a mid-depth residual site -> a Gated SAE and a ReLU
-baseline 1.5x wider (paper A's equal-compute comparison) trained from one activation stream -> evaluated on
-held-out text -> a table of L0, loss recovered, gamma and dead fraction, and the paths of figures and SAEs.
+Gemma 3 270M (embedded) -> Wikipedia leads (embedded) -> a residual site -> an activation cache (harvested once,
+kept under the output directory) -> Gated SAEs and ReLU baselines 1.5x wider (paper A's equal compute), trained
+together from the cache for several epochs at L0 targets -> evaluated on held-out text against a PCA reference ->
+a table of delta-CE, KL, loss recovered (with bootstrap CIs), L0, shrinkage and dead latents, the matched-L0
+comparison, and the paths of figures and SAEs.
+
+The precision follows the hardware (bf16 only where it is fast), so the same demo fits its time budget on CPUs with
+and without native bf16.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
 
 from saeforge.config import DataConfig, EvalConfig, ModelConfig, RunConfig, SAESpec, TrainConfig, to_dict
 
+DEMO_SITE = "blocks.6.resid_post"
 
-def demo_config(out: Path, site: str, tokens: int, eval_tokens: int, d_sae: int, sparsity_coeff: float) -> RunConfig:
+
+def demo_config(out: Path, site: str, harvest_tokens: int, epochs: int, eval_tokens: int, d_sae: int,
+                gated_l0: tuple[float, ...], relu_l0: tuple[float, ...]) -> RunConfig:
+    """The demo's run: Gated SAEs of d_sae latents and ReLU baselines of 1.5 d_sae, one per L0 target each."""
+    batch_size = 1024
     return RunConfig(
-        model=ModelConfig(name="embedded", site=site, dtype="bfloat16"),
-        data=DataConfig(source="embedded", context_len=128, buffer_tokens=65536, lm_batch_size=16),
+        model=ModelConfig(name="embedded", site=site, dtype="auto"),
+        data=DataConfig(source="embedded", context_len=128, cache_dir=str(out / "activations"),
+                        buffer_tokens=harvest_tokens),
         train=TrainConfig(
-            tokens=tokens, batch_size=4096, lr=1e-3, lr_warmup_steps=8, lr_decay="linear",
-            sparsity_warmup_steps=16, resample_every=24, resample_until=72, dead_window_steps=24,
-            resample_lr_warmup_steps=8, resample_sample_tokens=16384, checkpoint_every=32, log_every=4,
-            autocast_bf16=True, out_dir=str(out / "saes"),
+            tokens=epochs * harvest_tokens, batch_size=batch_size, lr=1e-3, lr_decay="linear",
+            checkpoint_every=10**9, log_every=25, compute_dtype="auto", out_dir=str(out / "saes"),
         ),
-        eval=EvalConfig(tokens=eval_tokens, batch_size=4, ablation=("zero", "mean"), analyses=False,
-                        out_dir=str(out / "eval")),
-        sae=[
-            SAESpec(architecture="gated", name="gated", d_sae=d_sae, sparsity_coeff=sparsity_coeff),
-            SAESpec(architecture="relu", name="relu_baseline", d_sae=d_sae * 3 // 2, sparsity_coeff=sparsity_coeff),
-        ],
+        eval=EvalConfig(tokens=eval_tokens, batch_size=8, ablation=("zero", "mean"), analyses=False,
+                        pca_ranks=(16, 64), out_dir=str(out / "eval")),
+        sae=[SAESpec(architecture="gated", name=f"gated_l0_{t:g}", d_sae=d_sae, target_l0=t) for t in gated_l0]
+        + [SAESpec(architecture="relu", name=f"relu_l0_{t:g}", d_sae=d_sae * 3 // 2, target_l0=t) for t in relu_l0],
     )
 
 
-def demo_table(rows: list[dict]) -> str:
-    head = ("| SAE | latents | L0 | loss recovered (zero abl.) | loss recovered (mean abl.) | gamma | "
-            "gamma about b_dec | dead fraction |")
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|"]
+def _ci(row: dict, key: str, fmt: str) -> str:
+    value, ci = row.get(key), row.get(f"{key}_ci")
+    if not isinstance(value, (int, float)):
+        return "-"
+    if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(isinstance(v, (int, float)) for v in ci):
+        return f"{fmt.format(value)} [{fmt.format(ci[0])}, {fmt.format(ci[1])}]"
+    return fmt.format(value)
+
+
+def demo_table(rows: list[dict], pca: list[dict] = ()) -> str:
+    """Markdown: one line per SAE (CIs in brackets), then the PCA reference lines."""
+    head = ("| SAE | latents | L0 | delta-CE (nats) | KL | loss recovered (mean abl.) | loss recovered (zero abl.) "
+            "| gamma about b_dec | dead fraction |")
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['name']} | {r['d_sae']} | {r['l0']:.1f} | {r['loss_recovered_zero']:.3f} | "
-                     f"{r['loss_recovered_mean']:.3f} | {r['gamma']:.3f} | {r['gamma_centered']:.3f} | "
+        lines.append(f"| {r['name']} | {r['d_sae']} | {r['l0']:.1f} | {_ci(r, 'delta_ce', '{:.3f}')} | "
+                     f"{_ci(r, 'kl_div', '{:.3f}')} | {_ci(r, 'loss_recovered_mean', '{:.3f}')} | "
+                     f"{_ci(r, 'loss_recovered_zero', '{:.3f}')} | {r['gamma_centered']:.3f} | "
                      f"{r['dead_fraction']:.3f} |")
+    for p in pca:
+        lines.append(f"| PCA rank {p['rank']} | - | {p['rank']} | {_ci(p, 'delta_ce', '{:.3f}')} | "
+                     f"{_ci(p, 'kl_div', '{:.3f}')} | {_ci(p, 'loss_recovered_mean', '{:.3f}')} | "
+                     f"{_ci(p, 'loss_recovered_zero', '{:.3f}')} | - | - |")
     return "\n".join(lines)
+
+
+def _cache_ready(cache_dir: Path, lm_name: str, site: str, tokens: int, context_len: int) -> bool:
+    """A finished harvest of this model, site and size is already there (its shards are verified when read)."""
+    try:
+        manifest = json.loads((cache_dir / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (manifest.get("model") == lm_name and manifest.get("site") == site and manifest.get("tokens") == tokens
+            and manifest.get("context_len") == context_len and manifest.get("split") == "train")
 
 
 def demo_command(
     out: Path = Path("runs/demo"),
-    site: str = "blocks.9.resid_post",
-    tokens: int = 393_216,
+    site: str = DEMO_SITE,
+    harvest_tokens: int = 131_072,
+    epochs: int = 6,
     eval_tokens: int = 8_192,
     d_sae: int = 2048,
-    sparsity_coeff: float = 0.5,
+    gated_l0: tuple[float, ...] = (40.0,),
+    relu_l0: tuple[float, ...] = (40.0, 80.0),
     progress: bool = True,
 ) -> None:
-    """Train a Gated SAE and a 1.5x wider ReLU baseline on the embedded Gemma 3 270M, evaluate both, print a table.
+    """Train Gated SAEs and 1.5x wider ReLU baselines on the embedded Gemma 3 270M at L0 targets, evaluate them
+    on held-out text against a PCA reference, and print a table.
 
     Args:
-        out: where the SAEs, checkpoints, TensorBoard logs, eval JSON and figures go.
-        site: the activation site (a mid-depth residual stream by default).
-        tokens: training tokens (shared by both SAEs: one activation stream).
+        out: where the activation cache, SAEs, TensorBoard logs, eval JSON and figures go (the cache is reused by
+            a later demo with the same site and size).
+        site: the activation site.
+        harvest_tokens: training tokens harvested from the LM into the cache, once.
+        epochs: passes over the cache (reshuffled each time).
         eval_tokens: held-out tokens for evaluation.
-        d_sae: latents of the Gated SAE; the baseline gets 1.5x as many (paper A's equal compute).
-        sparsity_coeff: lambda of both SAEs (on activations scaled to E||x||^2 = d_in).
+        d_sae: latents of each Gated SAE; each baseline gets 1.5x as many (paper A's equal compute).
+        gated_l0: L0 targets of the Gated SAEs (one SAE each).
+        relu_l0: L0 targets of the ReLU baselines (one SAE each).
         progress: show progress bars.
     """
+    from saeforge.data import harvest
     from saeforge.evaluation.commands import evaluate_run, write_json
+    from saeforge.evaluation.compare import matched_l0_ratio
     from saeforge.models import load_lm
     from saeforge.training import Trainer
 
     t0 = time.time()
-    cfg = demo_config(Path(out), site, tokens, eval_tokens, d_sae, sparsity_coeff)
+    out = Path(out)
+    cfg = demo_config(out, site, harvest_tokens, epochs, eval_tokens, d_sae, tuple(gated_l0), tuple(relu_l0))
 
     def say(msg: str) -> None:
         print(f"[demo {time.time() - t0:6.0f}s] {msg}", file=sys.stderr, flush=True)
@@ -78,20 +119,32 @@ def demo_command(
     say("loading the embedded Gemma 3 270M (the first run converts the GGUF file once and caches it)")
     lm = load_lm(cfg.model)
     say(f"model {lm.name}: {lm.n_layers} layers, d_model {lm.d_model}; site {site}")
-    say(f"training gated ({d_sae} latents) and relu_baseline ({d_sae * 3 // 2}) on {tokens:,} tokens of one stream")
+    say(f"language model: {lm.precision.describe()}")
+    cache_dir = Path(cfg.data.cache_dir)
+    if _cache_ready(cache_dir, lm.name, site, harvest_tokens, cfg.data.context_len):
+        say(f"reusing the activation cache {cache_dir}")
+    else:
+        say(f"harvesting {harvest_tokens:,} training tokens at {site} into {cache_dir}")
+        harvest(lm, site, cfg.data.source, cache_dir, tokens=harvest_tokens, context_len=cfg.data.context_len,
+                dtype="float32", model_spec=cfg.model.name, progress=progress)
+    names = ", ".join(s.name for s in cfg.sae)
+    say(f"training {names} for {epochs} epochs of the cache ({cfg.train.tokens:,} tokens)")
     result = Trainer(cfg, lm=lm, progress=progress).run(overwrite=True)
     say(f"trained {result.steps} steps; evaluating on {eval_tokens:,} held-out tokens")
     eval_dir = Path(cfg.eval.out_dir)
-    rows, figures = evaluate_run(lm, cfg, list(result.sae_dirs.values()), eval_dir, progress=progress)
-    eval_dir.mkdir(parents=True, exist_ok=True)
-    write_json(eval_dir / "eval.json", {"config": to_dict(cfg), "results": rows})
+    rows, pca, figures = evaluate_run(lm, cfg, list(result.sae_dirs.values()), eval_dir, progress=progress)
+    comparison = matched_l0_ratio(rows, "gated", "relu", metric="loss_recovered_mean")
+    write_json(eval_dir / "eval.json", {"config": to_dict(cfg), "precision": lm.precision.record(), "results": rows,
+                                        "pca_reference": pca, "matched_l0": comparison})
     say("done")
 
-    print(f"\nsaeforge demo: {lm.name} @ {site}, {result.tokens_seen:,} training tokens, "
-          f"{rows[0]['eval_tokens']:,} held-out tokens, {time.time() - t0:.0f} s\n")
-    print(demo_table(rows))
-    print(f"\nclean CE {rows[0]['ce_clean']:.3f} nats. gamma < 1 means shrunk reconstructions (paper A); this residual "
-          "stream has a large mean that b_dec carries, so gamma about b_dec is the one that shows shrinkage.\n")
+    print(f"\nsaeforge demo: {lm.name} @ {site}, {result.tokens_seen:,} training tokens ({epochs} epochs of "
+          f"{harvest_tokens:,}), {rows[0]['eval_tokens']:,} held-out tokens, {time.time() - t0:.0f} s\n"
+          f"{lm.precision.describe()}\n")
+    print(demo_table(rows, pca))
+    print(f"\nclean CE {rows[0]['ce_clean']:.3f} nats; [lo, hi]: 95% bootstrap intervals over held-out contexts. "
+          "gamma < 1 means shrunk reconstructions (paper A), measured about b_dec (the residual mean it carries).")
+    print(f"matched L0 (gated / relu at equal loss recovered): {comparison.get('summary', comparison)}\n")
     print(f"results:     {eval_dir / 'eval.json'}")
     for p in figures:
         print(f"figure:      {p}")

@@ -154,7 +154,7 @@ def test_a_killed_harvest_leaves_no_manifest(cache_copy):
 def test_stream_from_cache_shuffles_across_shards_and_covers_everything(lm, corpus, harvested):
     cache = ActivationCache(harvested)
     shards = [{r.numpy().tobytes() for r in cache.load_shard(i)["x"]} for i in range(len(cache.shards))]
-    cfg = data_config(corpus, cache_dir=str(harvested), buffer_tokens=1200)  # 4 shards per block
+    cfg = data_config(corpus, cache_dir=str(harvested), buffer_tokens=1200, max_epochs=1)  # 4 shards per block
     stream = open_stream(model_config(lm), cfg, 100)
     batches = list(stream)
     for batch in batches[:3]:
@@ -167,7 +167,7 @@ def test_stream_from_cache_shuffles_across_shards_and_covers_everything(lm, corp
 
 
 def test_stream_from_cache_resumes_exactly_and_splits_by_rank(lm, corpus, harvested):
-    cfg = data_config(corpus, cache_dir=str(harvested), buffer_tokens=600)
+    cfg = data_config(corpus, cache_dir=str(harvested), buffer_tokens=600, max_epochs=1)
     full = list(open_stream(model_config(lm), cfg, 64, seed=3))
     first = open_stream(model_config(lm), cfg, 64, seed=3)
     for _ in range(6):

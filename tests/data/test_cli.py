@@ -30,7 +30,7 @@ def test_harvest_command_writes_a_cache_that_training_can_read(lm, corpus, tmp_p
     cache = ActivationCache(out, model=str(model_dir), site=SITE, dtype="bfloat16")
     assert cache.tokens == 500 and [s["tokens"] for s in cache.shards] == [200, 200, 100]
     # A run config naming the model by its directory reads the cache without loading the model.
-    stream = open_stream(ModelConfig(name=str(model_dir), site=SITE), data_config(corpus, cache_dir=str(out)), 128)
+    stream = open_stream(ModelConfig(name=str(model_dir), site=SITE), data_config(corpus, cache_dir=str(out), max_epochs=1), 128)
     rows = torch.cat([b["x"] for b in stream])
     assert rows.shape == (500, lm.d_model) and torch.isfinite(rows).all()
 

@@ -46,12 +46,25 @@ def test_eval_cli_subprocess_writes_json_table_and_figures(tmp_path, tiny_model_
     assert rows[1]["l0"] <= 8 + 1e-9 and rows[3]["l0"] <= 4 + 1e-9
     assert len(rows[0]["steering"]["latents"]) > 0 and "mean_on_target" in rows[0]["steering"]
     assert 0.0 <= rows[0]["dead_fraction"] <= 1.0
+    # delta-CE, KL and loss recovered with bootstrap CIs over the 8 contexts; the per-context arrays kept.
+    for key in ("delta_ce", "kl_div", "loss_recovered_mean", "loss_recovered_zero", "l_added"):
+        lo, hi = rows[0][f"{key}_ci"]
+        assert lo <= rows[0][key] <= hi, key
+    assert rows[0]["delta_ce"] == pytest.approx(rows[0]["ce_spliced"] - rows[0]["ce_clean"])
+    assert all(len(v) == 8 for v in rows[0]["per_context"].values())
+    assert rows[0]["eval_excluded_positions"] == 0 and rows[0]["max_input_norm"] is None
+    # The PCA reference at every default rank up to d = 64, fitted on the training split.
+    pca = report["pca_reference"]
+    assert [r["rank"] for r in pca] == [8, 16, 32, 64] and "training-split sample" in pca[0]["fit"]
+    assert pca[-1]["fvu"] < pca[0]["fvu"] and pca[0]["kl_div_ci"][0] <= pca[0]["kl_div"] <= pca[0]["kl_div_ci"][1]
     for name in ("firing_frequency", "decoder_max_cosine", "directional_derivatives", "ito_l0_vs_loss_recovered",
                  "steering"):
         png = out / f"{name}.png"
         assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
-    # The terminal ends with the table and the paths.
+    # The terminal ends with the table (delta-CE first, CIs in brackets), the PCA reference and the paths.
     assert "| relu | relu |" in proc.stdout and "| topk@ito4 | ito:topk |" in proc.stdout
+    assert "| L0 | delta CE (nats) | KL | loss rec. (mean) |" in proc.stdout
+    assert "| PCA rank 8 | pca |" in proc.stdout
     assert str(out / "eval.json") in proc.stdout
 
 
@@ -113,9 +126,15 @@ def test_sweep_trains_the_grid_and_writes_csv_and_figures(tmp_path, tiny_model_d
         assert 0.0 <= float(r["dead_fraction"]) <= 1.0 and float(r["l0"]) >= 0
     topk = {int(r["k"]): float(r["l0"]) for r in rows if r["architecture"] == "topk"}
     assert topk[4] <= 4 + 1e-9 and topk[16] <= 16 + 1e-9
-    for name in ("pareto_l0_vs_loss_recovered_zero", "pareto_l0_vs_loss_recovered_mean", "pareto_l0_vs_gamma",
-                 "pareto_l0_vs_nmse", "dead_fraction_vs_k"):
+    for name in ("pareto_l0_vs_delta_ce", "pareto_l0_vs_kl", "pareto_l0_vs_loss_recovered_zero",
+                 "pareto_l0_vs_loss_recovered_mean", "pareto_l0_vs_gamma", "pareto_l0_vs_nmse", "dead_fraction_vs_k"):
         assert (out / f"{name}.png").read_bytes()[:4] == b"\x89PNG", name
+    for r in rows:
+        assert float(r["delta_ce_ci_lo"]) <= float(r["delta_ce"]) <= float(r["delta_ce_ci_hi"])
+    report = json.loads((out / "sweep.json").read_text())
+    assert [p["rank"] for p in report["pca_reference"]] == [8, 16, 32, 64]
+    # Two settings per architecture: a matched-L0 comparison for each pair whose curves overlap or not.
+    assert {(m["a"], m["b"]) for m in report["matched_l0"]} >= {("relu", "gated")}
     # Evaluating again without training finds the same SAEs.
     sweep_command(config, out=tmp_path / "again", train=False, progress=False)
     with open(tmp_path / "again" / "sweep.csv") as fh:
@@ -152,6 +171,14 @@ options = {use_r_mag = false}
 def test_markdown_table_formats_missing_values():
     table = markdown_table([{"name": "a", "architecture": "relu", "l0": 3.25, "gamma": float("nan")}])
     assert table.splitlines()[2] == "| a | relu | 3.2 | - |"
+
+
+def test_markdown_table_leads_with_delta_ce_and_shows_cis():
+    table = markdown_table([{"name": "a", "architecture": "gated", "l0": 20.0, "delta_ce": 0.1234,
+                             "delta_ce_ci": [0.11, 0.14], "loss_recovered_mean": 0.8, "kl_div": 0.05}])
+    head, _, line = table.splitlines()
+    assert head.startswith("| SAE | arch | L0 | delta CE (nats) | KL | loss rec. (mean) |")
+    assert line == "| a | gated | 20.0 | 0.1234 [0.1100, 0.1400] | 0.0500 | 80.00% |"
 
 
 def test_json_files_are_strict_json(tmp_path):

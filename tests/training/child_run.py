@@ -27,9 +27,11 @@ BATCH = 32
 def run_config(out_dir: str) -> RunConfig:
     train = TrainConfig(tokens=STEPS * BATCH, batch_size=BATCH, out_dir=out_dir, checkpoint_every=2, log_every=3,
                         lr=0.1, lr_warmup_steps=3, lr_decay="cosine", sparsity_warmup_steps=4, resample_every=4,
-                        dead_window_steps=2, resample_sample_tokens=64, resample_lr_warmup_steps=3,
-                        aux_k_dead_tokens=2 * BATCH, tensorboard=False, seed=3)
+                        resample_until=STEPS, dead_window_steps=2, resample_sample_tokens=64,
+                        resample_lr_warmup_steps=3, aux_k_dead_tokens=2 * BATCH, tensorboard=False, seed=3,
+                        l0_control_frac=1.0, l0_control_rate=0.2)  # lambda steered across the kill
     saes = [SAESpec("relu", d_sae=48, sparsity_coeff=3.0), SAESpec("gated", d_sae=32, sparsity_coeff=3.0),
+            SAESpec("gated", d_sae=32, target_l0=4.0, sparsity_coeff=3.0),
             SAESpec("topk", d_sae=48, k=3), SAESpec("gradient_topk", d_sae=48, k=3, options={"beta": 3.0})]
     return RunConfig(train=train, sae=saes)
 

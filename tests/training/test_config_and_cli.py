@@ -9,8 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from saeforge.config import ConfigError, load_config
+from saeforge.data.store import activation_stats
 from saeforge.training import Trainer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,7 +56,7 @@ def test_trainer_refuses_specs_it_cannot_train(tmp_path, sae, message):
 def test_duplicate_names_are_refused(tmp_path):
     cfg = load_config(write(tmp_path, "[[sae]]\narchitecture = 'relu'\nd_sae = 8\n[[sae]]\narchitecture = 'relu'\n"
                                       "d_sae = 8\n"))
-    with pytest.raises(ConfigError, match="both called 'relu_w8_l0.001'"):
+    with pytest.raises(ConfigError, match="both called 'relu_w8_t40'"):  # the default: an L0 target of 40
         Trainer(cfg, stream=_Stream(), progress=False).prepare()
 
 
@@ -62,6 +64,9 @@ class _Stream:
     """The smallest object with the stream interface that `prepare` reads (no batches are drawn)."""
 
     d_in, scale = 4, 1.0
+
+    def activation_stats(self):
+        return activation_stats(torch.randn(16, self.d_in, generator=torch.Generator().manual_seed(0)), None)
 
     def state_dict(self):
         return {}
@@ -123,9 +128,12 @@ k = 4
     d = lm.site_dim(site)
     assert "trained 8 steps (1,024 tokens)" in proc.stdout
     assert "L0" in proc.stderr  # the summary table
-    for name in (f"gated_w{2 * d}_l0.001", f"gradient_topk_w{2 * d}_k4"):
+    for name in (f"gated_w{2 * d}_t40", f"gradient_topk_w{2 * d}_k4"):
         cfg = json.loads((out / name / "cfg.json").read_text())
         assert cfg["model_name"] == lm.name and cfg["hook_name"] == site and cfg["d_in"] == d
+        assert cfg["saeforge"]["normalization"]["mode"] == "centered"
+        assert cfg["saeforge"]["max_input_norm"] > 0  # raw units: the outlier threshold the run used
+    assert "left out of training as outliers" in proc.stderr
     assert (out / "checkpoints" / "step_000000008").is_dir()
     assert list((out / "tensorboard").iterdir())
 

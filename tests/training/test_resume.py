@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -16,7 +17,7 @@ from saeforge.training import latest_checkpoint, load_checkpoint
 
 CHILD = Path(__file__).with_name("child_run.py")
 SRC = Path(__file__).resolve().parents[2] / "src"
-SAES = ("relu_w48_l3", "gated_w32_l3", "topk_w48_k3", "gradient_topk_w48_k3")
+SAES = ("relu_w48_l3", "gated_w32_l3", "gated_w32_t4", "topk_w48_k3", "gradient_topk_w48_k3")
 
 
 def child(out_dir: Path, *args: str) -> subprocess.Popen:
@@ -69,6 +70,9 @@ def test_sigkilled_run_resumes_to_identical_weights(tmp_path):
     # The run did resample and use AuxK state across the kill, so the comparison covers that state too.
     _, state = load_checkpoint(latest_checkpoint(broken / "checkpoints"))
     assert any(event["n_resampled"] > 0 for event in state["resamples"])
+    # ... and the L0 controller's state: lambda moved from its start (3.0) and matches the unbroken run's.
+    records = [json.loads((run / "gated_w32_t4" / "cfg.json").read_text())["training"] for run in (whole, broken)]
+    assert records[0] == records[1] and records[0]["sparsity_coeff"] != 3.0 and records[0]["target_l0"] == 4.0
 
 
 def test_kill_during_checkpoint_write_keeps_previous_checkpoint(tmp_path):

@@ -123,11 +123,16 @@ def test_running_out_of_data_ends_cleanly(tmp_path, capsys):
     assert load_sae(result.sae_dirs["topk_w48_k3"]).d_sae == 48
 
 
-def test_saved_saes_work_on_raw_activations(tmp_path):
+@pytest.mark.parametrize("normalize", ["centered", "uncentered"])
+def test_saved_saes_work_on_raw_activations(tmp_path, normalize):
     data = stream()
-    trainer = Trainer(config(tmp_path, MIXED, resample=False), stream=data, progress=False)
+    trainer = Trainer(config(tmp_path, MIXED, resample=False, normalize=normalize), stream=data, progress=False)
     result = trainer.run()
-    c = data.scale
+    c = trainer.scale
+    # The normalisation the run asked for, measured on the stream's own statistics sample.
+    sample = data.training_sample(10_000).double()
+    centre = sample.mean(0) if normalize == "centered" else 0.0
+    assert float((c * (sample - centre)).pow(2).sum(1).mean()) == pytest.approx(D_IN, rel=1e-6)
     batch = SyntheticStream(D_IN, 64, grad=True, seed=99)._make(0)
     x, grad = batch["x"], batch["grad"]
     for name, run in trainer.runs.items():
@@ -142,6 +147,10 @@ def test_saved_saes_work_on_raw_activations(tmp_path):
         cfg = json.loads((result.sae_dirs[name] / "cfg.json").read_text())
         assert cfg["hook_name"] == "blocks.9.resid_post" and cfg["context_size"] == 128
         assert cfg["activation_scale"] == pytest.approx(c)
+        assert cfg["saeforge"]["normalization"] == {"mode": normalize, "scale": pytest.approx(c),
+                                                    "mean_norm": pytest.approx(float(sample.mean(0).norm()))}
+        assert cfg["saeforge"]["max_input_norm"] is None  # the synthetic stream leaves nothing out
+        assert cfg["saeforge"]["architecture"] == saved.architecture
         counts = load_file(str(result.sae_dirs[name] / "sparsity.safetensors"))["firing_counts"]
         assert torch.equal(counts, run.tracker.counts.float())
         assert counts.sum() > 0
@@ -172,11 +181,11 @@ def test_resume_with_another_config_is_refused(tmp_path):
 
 
 def test_bf16_autocast_trains(tmp_path):
-    trainer = Trainer(config(tmp_path, MIXED, autocast_bf16=True), stream=stream(), progress=False)
+    trainer = Trainer(config(tmp_path, MIXED, compute_dtype="bfloat16"), stream=stream(), progress=False)
     result = trainer.run()
     for name, metrics in result.metrics.items():
         assert torch.isfinite(torch.tensor(metrics["loss"])), name
-    first = Trainer(config(tmp_path / "short", MIXED, autocast_bf16=True, tokens=BATCH), stream=stream(),
+    first = Trainer(config(tmp_path / "short", MIXED, compute_dtype="bfloat16", tokens=BATCH), stream=stream(),
                     progress=False).run()
     for name in result.metrics:  # training lowered the reconstruction error
         assert result.metrics[name]["recon"] < first.metrics[name]["recon"], name

@@ -30,6 +30,9 @@ MANIFEST = "manifest.json"
 CACHE_FORMAT = "saeforge-activation-cache"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _SAFETENSORS_DTYPE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+# Rows of a cache (its first shards) on which the stream estimates mean, centred scale and outlier threshold: reading
+# shards is cheap, so more than a live stream's sample (store.SCALE_SAMPLE_TOKENS), for a steadier threshold.
+STATISTICS_SAMPLE_TOKENS = 65536
 
 
 class CacheError(ValueError):
@@ -220,6 +223,18 @@ class ActivationCache:
     def has_grad(self) -> bool:
         return bool(self.manifest.get("grad"))
 
+    def first_rows(self, n_tokens: int) -> torch.Tensor:
+        """The first n_tokens rows of `x` (shards in manifest order; a harvest shuffles documents, so they are a
+        sample of the whole), in the cache dtype."""
+        xs, have = [], 0
+        for index in range(len(self.shards)):
+            if have >= n_tokens:
+                break
+            x = self.load_shard(index)["x"][: n_tokens - have]
+            xs.append(x)
+            have += x.shape[0]
+        return torch.cat(xs)
+
     def load_shard(self, index: int) -> dict[str, torch.Tensor]:
         """Read shard `index` after checking its sha256; tensors keep the cache dtype."""
         shard = self.shards[index]
@@ -231,30 +246,43 @@ class ActivationCache:
 
 class CacheBlocks:
     """Stream blocks read from a cache: shards in a seeded random order, `buffer_tokens` worth per block; each rank
-    takes every world_size-th row of a block (disjoint, balanced shares)."""
+    takes every world_size-th row of a block (disjoint, balanced shares).
+
+    Epochs: block indices run on past the end of the cache, `blocks_per_epoch` to an epoch, each epoch visiting
+    every shard once in its own order (seeded by (seed, epoch)); the stream's per-block row shuffle is seeded by
+    the block index, so each epoch is reshuffled. `max_epochs` (None = no limit) ends the data."""
 
     def __init__(self, cache: ActivationCache, *, buffer_tokens: int, seed: int, rank: int, world_size: int,
-                 grad: bool):
-        self.cache, self.rank, self.world_size, self.grad = cache, rank, world_size, grad
+                 grad: bool, max_epochs: Optional[int] = None):
+        self.cache, self.seed, self.rank, self.world_size, self.grad = cache, seed, rank, world_size, grad
+        self.max_epochs = max_epochs
         self.d_in = cache.d_in
         largest = max(s["tokens"] for s in cache.shards)
         self.shards_per_block = max(1, buffer_tokens // largest)
-        generator = torch.Generator().manual_seed(seed)
-        self.order = torch.randperm(len(cache.shards), generator=generator).tolist()
+        self.blocks_per_epoch = -(-len(cache.shards) // self.shards_per_block)
         self.fingerprint = {
             "kind": "cache", "shards": hashlib.sha256("".join(s["sha256"] for s in cache.shards).encode()).hexdigest(),
             "site": cache.manifest.get("site"), "buffer_tokens": buffer_tokens, "seed": seed, "rank": rank,
             "world_size": world_size, "grad": grad,
         }
 
+    def shard_order(self, epoch: int) -> list[int]:
+        """The order in which epoch `epoch` visits the shards (epoch 0: the seed's own permutation)."""
+        seed = self.seed if epoch == 0 else self.seed * 1_000_003 + epoch
+        return torch.randperm(len(self.cache.shards), generator=torch.Generator().manual_seed(seed)).tolist()
+
+    def epoch_of(self, index: int) -> int:
+        return index // self.blocks_per_epoch
+
     def load(self, index):
-        picked = self.order[index * self.shards_per_block : (index + 1) * self.shards_per_block]
-        if not picked:
+        epoch, within = divmod(index, self.blocks_per_epoch)
+        if self.max_epochs is not None and epoch >= self.max_epochs:
             return None
+        picked = self.shard_order(epoch)[within * self.shards_per_block : (within + 1) * self.shards_per_block]
         shards = [self.cache.load_shard(i) for i in picked]
         x = torch.cat([s["x"] for s in shards])[self.rank :: self.world_size]
         g = torch.cat([s["grad"] for s in shards])[self.rank :: self.world_size] if self.grad else None
         return x, g
 
-    def estimate_scale(self) -> float:
-        return self.cache.scale
+    def statistics_sample(self) -> torch.Tensor:
+        return self.cache.first_rows(STATISTICS_SAMPLE_TOKENS)

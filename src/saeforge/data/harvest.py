@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -94,7 +95,7 @@ def harvest_command(
     text_field: str = "text",
     seed: int = 0,
     device: str = "cpu",
-    model_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+    model_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
 ) -> None:
     """Run a language model over a text source and write an activation cache (safetensors shards + manifest.json).
 
@@ -114,11 +115,12 @@ def harvest_command(
         text_field: Field (JSONL, Hugging Face) or column (Parquet) holding the text.
         seed: Seed of the document shuffle.
         device: Device to run the model on.
-        model_dtype: Dtype to run the model in.
+        model_dtype: Dtype to run the model in ("auto": bf16 where this hardware runs it fast, else float32).
     """
     from saeforge.models import load_lm
 
-    lm = load_lm(model, device=device, dtype=getattr(torch, model_dtype))
+    lm = load_lm(model, device=device, dtype=model_dtype)
+    print(f"language model: {lm.precision.describe()}", file=sys.stderr)
     manifest = harvest(
         lm, site, source, out, tokens=tokens, context_len=context_len, dtype=dtype, grad=grad,
         lm_batch_size=batch_size, shard_tokens=shard_tokens, keep_bos=keep_bos, split=split,

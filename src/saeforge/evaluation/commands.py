@@ -1,7 +1,9 @@
 """`saeforge eval` and `saeforge sweep`: held-out evaluation of saved SAEs, and a trained-and-evaluated grid.
 
-Output of both: a JSON file whose "results" list holds one row per SAE (see `evaluate_saes` for the keys), a
-Markdown table on the terminal, and PNG figures; the sweep also writes a CSV and the Pareto figures.
+Output of both: a JSON file whose "results" list holds one row per SAE (see `evaluate_saes` for the keys), whose
+"pca_reference" list holds the PCA reference rows (see `evaluate`) and whose "matched_l0" list holds the matched-L0
+comparisons (compare.py), a Markdown table on the terminal (delta-CE, KL and loss recovered first, with bootstrap
+CIs in brackets), and PNG figures; the sweep also writes a CSV and the Pareto figures (with the PCA line).
 """
 
 from __future__ import annotations
@@ -19,56 +21,75 @@ import torch
 from tyro.conf import Positional
 
 from saeforge.config import ConfigError, DataConfig, EvalConfig, RunConfig, load_config, to_dict
-from saeforge.evaluation.evaluate import evaluate_saes
+from saeforge.evaluation.compare import matched_l0_table
+from saeforge.evaluation.evaluate import evaluate
 
-# Scalar columns of the CSV, in order (the JSON rows hold these and the histograms).
+# Loss-based metrics, in the order they lead the table and the CSV; each has a bootstrap CI (`<key>_ci`).
+LOSS_COLUMNS = ["delta_ce", "kl_div", "loss_recovered_mean", "loss_recovered_zero", "l_added"]
+# Scalar columns of the CSV, in order (the JSON rows hold these, the histograms and the per-context arrays); a CI
+# [lo, hi] is written as <key>_ci_lo and <key>_ci_hi.
 CSV_COLUMNS = [
-    "name", "architecture", "model", "site", "d_in", "d_sae", "k", "sparsity_coeff", "ito_k", "l0",
-    "loss_recovered_zero", "loss_recovered_mean", "ce_clean", "ce_spliced", "ce_zero_ablation", "ce_mean_ablation",
-    "kl_div", "l_added", "mse", "nmse", "fvu", "cosine", "gamma", "dead_fraction", "dense_fraction",
-    "eval_tokens", "path",
+    "name", "architecture", "variant", "model", "site", "d_in", "d_sae", "k", "sparsity_coeff", "target_l0", "ito_k",
+    "l0", *[c for key in LOSS_COLUMNS for c in (key, f"{key}_ci_lo", f"{key}_ci_hi")],
+    "ce_clean", "ce_spliced", "ce_zero_ablation", "ce_mean_ablation", "mse", "nmse", "fvu", "cosine", "gamma",
+    "gamma_centered", "dead_fraction", "dense_fraction", "eval_contexts", "eval_tokens", "eval_excluded_positions",
+    "max_input_norm", "path",
 ]
-# (column, header, format) of the terminal table.
+# (column, header, format) of the terminal table; a row's `<column>_ci` is shown in brackets after the value.
 TABLE_COLUMNS = [
-    ("l0", "L0", "{:.1f}"), ("loss_recovered_zero", "loss rec. (zero)", "{:.2%}"),
-    ("loss_recovered_mean", "loss rec. (mean)", "{:.2%}"), ("kl_div", "KL", "{:.4f}"), ("l_added", "L_added", "{:.2%}"),
-    ("nmse", "NMSE", "{:.3f}"), ("fvu", "FVU", "{:.3f}"), ("cosine", "cos", "{:.3f}"), ("gamma", "gamma", "{:.3f}"),
-    ("dead_fraction", "dead", "{:.1%}"), ("dense_fraction", "dense", "{:.1%}"),
+    ("l0", "L0", "{:.1f}"), ("delta_ce", "delta CE (nats)", "{:.4f}"), ("kl_div", "KL", "{:.4f}"),
+    ("loss_recovered_mean", "loss rec. (mean)", "{:.2%}"), ("loss_recovered_zero", "loss rec. (zero)", "{:.2%}"),
+    ("l_added", "L_added", "{:.2%}"), ("nmse", "NMSE", "{:.3f}"), ("fvu", "FVU", "{:.3f}"), ("cosine", "cos", "{:.3f}"),
+    ("gamma", "gamma", "{:.3f}"), ("dead_fraction", "dead", "{:.1%}"), ("dense_fraction", "dense", "{:.1%}"),
 ]
 
 
-def eval_contexts(lm, data_cfg: DataConfig, tokens: int, batch_size: int = 4) -> torch.Tensor:
+def eval_contexts(lm, data_cfg: DataConfig, tokens: int, batch_size: int = 4, split: str = "eval") -> torch.Tensor:
     """Held-out contexts (split="eval") of data_cfg.source: enough [context_len] contexts to hold `tokens` tokens,
-    or all of them when the split is smaller."""
+    or all of them when the split is smaller. split="train": the first contexts of the training split (the PCA
+    reference's fit sample)."""
     from saeforge.data import context_batches
 
     n_contexts = max(1, math.ceil(tokens / data_cfg.context_len))
     picked: list[torch.Tensor] = []
-    for batch in context_batches(lm, data_cfg, "eval", batch_size):
+    for batch in context_batches(lm, data_cfg, split, batch_size):
         picked.extend(batch)
         if len(picked) >= n_contexts:
             break
     if not picked:
-        raise ValueError(f"the eval split of {data_cfg.source!r} holds no full context of "
+        raise ValueError(f"the {split} split of {data_cfg.source!r} holds no full context of "
                          f"{data_cfg.context_len} tokens")
     if len(picked) < n_contexts:
-        print(f"note: the eval split of {data_cfg.source!r} holds only {len(picked) * data_cfg.context_len:,} tokens "
-              f"of the {tokens:,} asked for; evaluating on all of them", file=sys.stderr)
+        print(f"note: the {split} split of {data_cfg.source!r} holds only "
+              f"{len(picked) * data_cfg.context_len:,} tokens of the {tokens:,} asked for; using all of them",
+              file=sys.stderr)
     return torch.stack(picked[:n_contexts])
 
 
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
 def markdown_table(rows: list[dict]) -> str:
-    """A short Markdown table of the headline metrics, one line per SAE."""
+    """A short Markdown table of the headline metrics, one line per SAE; CIs in brackets."""
     cols = [c for c in TABLE_COLUMNS if any(c[0] in r for r in rows)]
     lines = ["| SAE | arch | " + " | ".join(h for _, h, _ in cols) + " |",
              "|---|---|" + "---:|" * len(cols)]
     for r in rows:
         cells = []
         for key, _, fmt in cols:
-            v = r.get(key)
-            cells.append(fmt.format(v) if isinstance(v, (int, float)) and math.isfinite(v) else "-")
+            v, ci = r.get(key), r.get(f"{key}_ci")
+            cell = fmt.format(v) if _finite(v) else "-"
+            if _finite(v) and isinstance(ci, (list, tuple)) and len(ci) == 2 and all(map(_finite, ci)):
+                cell += f" [{fmt.format(ci[0])}, {fmt.format(ci[1])}]"
+            cells.append(cell)
         lines.append(f"| {r['name']} | {r['architecture']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def pca_table(reference: list[dict]) -> str:
+    """The PCA reference as a Markdown table (the L0 column holds the rank)."""
+    return markdown_table([{**r, "l0": r["rank"]} for r in reference])
 
 
 def write_csv(rows: list[dict], path: Path) -> Path:
@@ -77,8 +98,26 @@ def write_csv(rows: list[dict], path: Path) -> Path:
         writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         writer.writeheader()
         for r in rows:
-            writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_COLUMNS})
+            flat = dict(r)
+            for key in LOSS_COLUMNS:
+                ci = r.get(f"{key}_ci")
+                if isinstance(ci, (list, tuple)) and len(ci) == 2:
+                    flat[f"{key}_ci_lo"], flat[f"{key}_ci_hi"] = ci
+            writer.writerow({k: ("" if flat.get(k) is None else flat.get(k)) for k in CSV_COLUMNS})
     return path
+
+
+def print_report(rows: list[dict], pca: list[dict], matched: list[dict]) -> None:
+    """The terminal report of eval and sweep: the SAE table, the PCA reference, the matched-L0 lines."""
+    print(markdown_table(rows))
+    if pca:
+        print(f"\nPCA reference (rank-k reconstruction spliced in; principal directions from {pca[0]['fit']}; "
+              "L0 column = rank):")
+        print(pca_table(pca))
+    if any(r.get("delta_ce_ci") for r in rows):
+        print("\n[lo, hi]: bootstrap confidence intervals over held-out contexts.")
+    for m in matched:
+        print(m["summary"])
 
 
 def finite_or_null(value):
@@ -123,15 +162,20 @@ def eval_command(
     context_len: Optional[int] = None,
     batch_size: int = 4,
     device: str = "cpu",
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
     keep_bos: bool = False,
     analyses: bool = True,
+    pca_ranks: tuple[int, ...] = EvalConfig.pca_ranks,
+    pca_fit_tokens: int = EvalConfig.pca_fit_tokens,
+    ci_level: float = EvalConfig.ci_level,
+    bootstrap_resamples: int = EvalConfig.bootstrap_resamples,
     seed: int = 0,
     progress: bool = True,
 ) -> None:
     """Evaluate saved SAEs on held-out tokens of their model, site and corpus.
 
-    Writes OUT/eval.json (one row of metrics per SAE), PNG figures in OUT, and prints a Markdown table.
+    Writes OUT/eval.json (one row of metrics per SAE, the PCA reference, matched-L0 comparisons), PNG figures in
+    OUT, and prints a Markdown table.
 
     Args:
         sae_dirs: saved SAE directories (cfg.json + sae_weights.safetensors).
@@ -147,10 +191,14 @@ def eval_command(
         context_len: context length (else the SAE's context_size, else 128).
         batch_size: contexts per LM forward pass.
         device: where the LM and SAEs run.
-        dtype: the LM's dtype.
+        dtype: the LM's dtype ("auto": bf16 where this hardware runs it fast, else float32).
         keep_bos: also splice and score BOS positions (use when the SAE was trained with keep_bos).
         analyses: paper B's decoder-similarity and directional-derivative analyses.
-        seed: seed for sampled latents and random directions.
+        pca_ranks: ranks of the PCA reference (rank-k reconstruction spliced in); none: no reference.
+        pca_fit_tokens: training-split tokens the principal directions are fitted on (0: the held-out tokens).
+        ci_level: confidence level of the bootstrap intervals over held-out contexts.
+        bootstrap_resamples: context resamples per interval (0: no intervals).
+        seed: seed for sampled latents, random directions and bootstrap resamples.
         progress: show progress bars.
     """
     from saeforge.models import load_lm
@@ -160,7 +208,8 @@ def eval_command(
         if not sae_dirs:
             raise ConfigError("no SAE directories given (saeforge eval SAE_DIR [SAE_DIR ...])")
         cfg = EvalConfig(tokens=tokens, batch_size=batch_size, ito=tuple(ito), steering=steering, analyses=analyses,
-                         steering_latents=steering_latents, steering_alpha=steering_alpha)
+                         steering_latents=steering_latents, steering_alpha=steering_alpha, pca_ranks=tuple(pca_ranks),
+                         pca_fit_tokens=pca_fit_tokens, ci_level=ci_level, bootstrap_resamples=bootstrap_resamples)
         groups: dict[tuple[str, str, int], list[Path]] = defaultdict(list)
         for d in sae_dirs:
             sae_cfg = _read_sae_cfg(Path(d))
@@ -172,19 +221,27 @@ def eval_command(
         print(f"saeforge eval: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 
-    rows, figures = [], []
+    rows, pca, figures = [], [], []
     for gi, ((model_name, site_name, ctx), dirs) in enumerate(groups.items()):
         lm = load_lm(model_name, device=device, dtype=dtype)
-        contexts = eval_contexts(lm, DataConfig(source=source, context_len=ctx), tokens, batch_size)
-        group_rows = evaluate_saes(lm, dirs, site_name, contexts, cfg, keep_bos=keep_bos, seed=seed,
-                                       progress=progress)
+        print(f"language model: {lm.precision.describe()}", file=sys.stderr)
+        precision = lm.precision.record()
+        data_cfg = DataConfig(source=source, context_len=ctx)
+        contexts = eval_contexts(lm, data_cfg, tokens, batch_size)
+        result = evaluate(lm, dirs, site_name, contexts, cfg, keep_bos=keep_bos, seed=seed, progress=progress,
+                          pca_fit_contexts=_pca_fit_contexts(lm, data_cfg, cfg))
         prefix = "" if len(groups) == 1 else f"group{gi}_"
-        figures += eval_figures(group_rows, out, f"{lm.name} @ {site_name}", prefix=prefix)
-        rows += group_rows
+        figures += eval_figures(result.rows, out, f"{lm.name} @ {site_name}", prefix=prefix,
+                                pca_reference=result.pca_reference)
+        rows += result.rows
+        pca += result.pca_reference
+    matched = matched_l0_table(rows, level=cfg.ci_level, resamples=cfg.bootstrap_resamples, seed=seed)
     settings = {"tokens": tokens, "source": source, "keep_bos": keep_bos, "device": device, "dtype": dtype,
+                "precision": precision,
                 "seed": seed, **{k: v for k, v in to_dict(cfg).items() if not k.startswith("grid_")}}
-    write_json(out / "eval.json", {"settings": settings, "results": rows, "figures": [str(p) for p in figures]})
-    print(markdown_table(rows))
+    write_json(out / "eval.json", {"settings": settings, "results": rows, "pca_reference": pca,
+                                   "matched_l0": matched, "figures": [str(p) for p in figures]})
+    print_report(rows, pca, matched)
     print(f"\nresults: {out / 'eval.json'}")
     for p in figures:
         print(f"figure:  {p}")
@@ -205,30 +262,48 @@ def expand_grid(cfg: RunConfig) -> RunConfig:
     for arch in e.grid_architectures:
         if arch not in SWEEPABLE:
             raise ConfigError(f"eval.grid_architectures: {arch!r} cannot be swept; use one of {list(SWEEPABLE)}")
-        values = e.grid_sparsity_coeffs if SWEEPABLE[arch] == "sparsity" else e.grid_k
-        if not values:
-            field_name = "grid_sparsity_coeffs" if SWEEPABLE[arch] == "sparsity" else "grid_k"
+        # Settings: relu/gated an L0 target each (grid_target_l0) or a lambda each (grid_sparsity_coeffs); topk
+        # families a k each (grid_k, else the L0 targets rounded: k is their L0).
+        if SWEEPABLE[arch] == "sparsity":
+            if e.grid_target_l0 and e.grid_sparsity_coeffs:
+                raise ConfigError("eval.grid_target_l0: give L0 targets or eval.grid_sparsity_coeffs, not both")
+            settings = ([{"target_l0": t, "sparsity_coeff": None, "k": None} for t in e.grid_target_l0]
+                        or [{"sparsity_coeff": c, "target_l0": None, "k": None} for c in e.grid_sparsity_coeffs])
+        else:
+            ks = e.grid_k or tuple(max(1, round(t)) for t in e.grid_target_l0)
+            settings = [{"k": k, "sparsity_coeff": None, "target_l0": None} for k in ks]
+        if not settings:
+            field_name = "grid_target_l0 (or grid_sparsity_coeffs)" if SWEEPABLE[arch] == "sparsity" else \
+                "grid_k (or grid_target_l0)"
             raise ConfigError(f"eval.{field_name}: needed to sweep {arch!r} (eval.grid_architectures)")
         # Architecture options (e.g. beta, tied) belong to the template's own architecture only.
         options = dict(template.options) if arch == template.architecture else {}
-        for value in values:
-            setting = {"sparsity_coeff": value, "k": None} if SWEEPABLE[arch] == "sparsity" else {"k": value}
+        for setting in settings:
             specs.append(dataclasses.replace(template, architecture=arch, name=None, options=options, **setting))
     return dataclasses.replace(cfg, sae=specs)
 
 
+def _pca_fit_contexts(lm, data_cfg: DataConfig, cfg: EvalConfig):
+    """The training-split sample the PCA reference is fitted on, or None (fit on the eval set; no reference)."""
+    if not cfg.pca_ranks or cfg.pca_fit_tokens == 0:
+        return None
+    return eval_contexts(lm, data_cfg, cfg.pca_fit_tokens, cfg.batch_size, split="train")
+
+
 def evaluate_run(lm, cfg: RunConfig, sae_dirs: list[Path], out: Path, *, progress: bool = True):
-    """Evaluate a run's SAEs on held-out tokens of its model, site and corpus and draw the Pareto and evaluation
-    figures into `out`. Returns (rows, figure paths)."""
+    """Evaluate a run's SAEs on held-out tokens of its model, site and corpus, with the PCA reference, and draw the
+    Pareto and evaluation figures into `out`. Returns (rows, PCA reference rows, figure paths)."""
     from saeforge.viz.eval_figures import eval_figures
     from saeforge.viz.pareto import pareto_figures
 
     contexts = eval_contexts(lm, cfg.data, cfg.eval.tokens, cfg.eval.batch_size)
-    rows = evaluate_saes(lm, sae_dirs, cfg.model.site, contexts, cfg.eval, keep_bos=cfg.data.keep_bos,
-                         seed=cfg.train.seed, progress=progress)
-    figures = pareto_figures(rows, out, lm.name, cfg.model.site)
-    figures += eval_figures(rows, out, f"{lm.name} @ {cfg.model.site}")
-    return rows, figures
+    result = evaluate(lm, sae_dirs, cfg.model.site, contexts, cfg.eval, keep_bos=cfg.data.keep_bos,
+                      seed=cfg.train.seed, progress=progress,
+                      pca_fit_contexts=_pca_fit_contexts(lm, cfg.data, cfg.eval))
+    rows, pca = result.rows, result.pca_reference
+    figures = pareto_figures(rows, out, lm.name, cfg.model.site, pca_reference=pca)
+    figures += eval_figures(rows, out, f"{lm.name} @ {cfg.model.site}", pca_reference=pca)
+    return rows, pca, figures
 
 
 def sweep_command(
@@ -243,8 +318,9 @@ def sweep_command(
     """Train a grid of SAEs from one activation stream, evaluate every SAE, write a CSV and Pareto figures.
 
     The grid is the config's [[sae]] list, or the compact eval.grid_* fields (see EvalConfig). Writes
-    OUT/sweep.csv, OUT/sweep.json and PNG figures (L0 vs loss recovered, L0 vs gamma, L0 vs NMSE, dead fraction
-    vs k, firing frequencies, ...).
+    OUT/sweep.csv, OUT/sweep.json (rows, PCA reference, matched-L0 comparisons) and PNG figures (L0 vs delta-CE,
+    KL and loss recovered with the PCA reference line, L0 vs gamma, L0 vs NMSE, dead fraction vs k, firing
+    frequencies, ...).
 
     Args:
         config: the run file ([model], [data], [train], [eval], [[sae]]).
@@ -268,6 +344,7 @@ def sweep_command(
         raise SystemExit(2) from None
     out = Path(out or cfg.eval.out_dir or Path(cfg.train.out_dir) / "eval")
     lm = load_lm(cfg.model)
+    print(f"language model: {lm.precision.describe()}", file=sys.stderr)
     try:
         if train:
             sae_dirs = list(Trainer(cfg, lm=lm, progress=progress).run(resume=resume, overwrite=overwrite)
@@ -282,10 +359,14 @@ def sweep_command(
         print(f"saeforge sweep: error: {e}", file=sys.stderr)
         raise SystemExit(2 if isinstance(e, ConfigError) else 1) from None
 
-    rows, figures = evaluate_run(lm, cfg, sae_dirs, out, progress=progress)
+    rows, pca, figures = evaluate_run(lm, cfg, sae_dirs, out, progress=progress)
+    matched = matched_l0_table(rows, level=cfg.eval.ci_level, resamples=cfg.eval.bootstrap_resamples,
+                               seed=cfg.train.seed)
     csv_path = write_csv(rows, out / "sweep.csv")
-    write_json(out / "sweep.json", {"config": to_dict(cfg), "results": rows, "figures": [str(p) for p in figures]})
-    print(markdown_table(rows))
+    write_json(out / "sweep.json", {"config": to_dict(cfg), "precision": lm.precision.record(), "results": rows,
+                                    "pca_reference": pca, "matched_l0": matched,
+                                    "figures": [str(p) for p in figures]})
+    print_report(rows, pca, matched)
     print(f"\ncsv:     {csv_path}\nresults: {out / 'sweep.json'}")
     for p in figures:
         print(f"figure:  {p}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -138,18 +139,30 @@ def histogram(values: Tensor, edges: list[float]) -> dict:
 
 
 class LossStats:
-    """Mean next-token CE of the spliced model and its KL divergence from the clean model, over positions."""
+    """Mean next-token CE of the spliced model and its KL divergence from the clean model, over positions, and the
+    same per context (the unit the bootstrap resamples; see bootstrap.py).
+
+    `update` takes [contexts, predicted positions] tensors; every context of an evaluation set has the same number
+    of predicted positions, so the mean of the per-context means is the mean over positions."""
 
     def __init__(self) -> None:
         self.n = 0
         self.sum_ce = 0.0
         self.sum_kl = 0.0
+        self.context_ce: list[float] = []
+        self.context_kl: list[float] = []
 
     def update(self, ce: Tensor, kl: Tensor | None = None) -> None:
+        if ce.ndim != 2:
+            raise ValueError(f"ce must be [contexts, positions], got {tuple(ce.shape)}")
+        ce = ce.double()
         self.n += ce.numel()
-        self.sum_ce += float(ce.double().sum())
+        self.sum_ce += float(ce.sum())
+        self.context_ce += ce.mean(1).tolist()
         if kl is not None:
-            self.sum_kl += float(kl.double().sum())
+            kl = kl.double().reshape(ce.shape)
+            self.sum_kl += float(kl.sum())
+            self.context_kl += kl.mean(1).tolist()
 
     @property
     def ce(self) -> float:
@@ -160,12 +173,14 @@ class LossStats:
         return self.sum_kl / self.n
 
 
-def loss_recovered(ce_clean: float, ce_spliced: float, ce_ablated: float) -> float:
-    """(CE_ablated - CE_spliced) / (CE_ablated - CE_clean): 1 = as good as the clean model, 0 = as bad as ablation."""
-    denom = ce_ablated - ce_clean
-    return (ce_ablated - ce_spliced) / denom if denom != 0 else math.nan
+def loss_recovered(ce_clean, ce_spliced, ce_ablated):
+    """(CE_ablated - CE_spliced) / (CE_ablated - CE_clean): 1 = as good as the clean model, 0 = as bad as ablation.
+    Floats give a float, numpy arrays (bootstrap resamples) an array; NaN where the ablation changes nothing."""
+    denom = np.asarray(ce_ablated - ce_clean, dtype=np.float64)
+    ratio = np.divide(ce_ablated - ce_spliced, denom, out=np.full(denom.shape, np.nan), where=denom != 0)
+    return float(ratio) if ratio.ndim == 0 else ratio
 
 
-def loss_added(ce_clean: float, ce_spliced: float) -> float:
-    """Paper B's L_added = (L(x_hat) - L(x)) / L(x)."""
+def loss_added(ce_clean, ce_spliced):
+    """Paper B's L_added = (L(x_hat) - L(x)) / L(x) (floats, or numpy arrays of bootstrap resamples)."""
     return (ce_spliced - ce_clean) / ce_clean

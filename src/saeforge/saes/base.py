@@ -275,8 +275,9 @@ class SAE(nn.Module):
             raise ValueError(f"{type(self).__name__}: {what} contains non-finite values ({n_nan} NaN, {n_inf} Inf)")
 
     def resample_latents(self, idx: Tensor, directions: Tensor) -> None:
-        """METHODS.md: decoder row = normalised input; encoder row = same times 0.2 times the mean live encoder
-        norm; the latent's biases = 0. `directions` [len(idx), d_in] need not be normalised."""
+        """METHODS.md: decoder row = the normalised direction (the trainer passes centred inputs x - b_dec);
+        encoder row = same times 0.2 times the mean live encoder norm; the latent's biases = 0. `directions`
+        [len(idx), d_in] need not be normalised."""
         if not self.supports_resampling:
             raise NotImplementedError(f"{type(self).__name__} does not resample dead latents")
         idx = torch.as_tensor(idx, dtype=torch.long, device=self.W_dec.device)
@@ -342,8 +343,11 @@ class SAE(nn.Module):
         # SAELens 6 reads these under `metadata`; older versions read them at the top level (kept above).
         cfg["metadata"] = {key: cfg[key] for key in ("model_name", "hook_name", "context_size", "dataset_path",
                                                      "prepend_bos")}
-        cfg.update({k: v for k, v in self.cfg.items() if k not in cfg})
-        cfg["saeforge"] = {"architecture": self.architecture, "options": self.options(), "version": 1}
+        cfg.update({k: v for k, v in self.cfg.items() if k not in cfg and k != "saeforge"})
+        # self.cfg["saeforge"] holds saeforge's own training facts (e.g. max_input_norm, normalization); they go
+        # into the same block as the architecture.
+        cfg["saeforge"] = {**self.cfg.get("saeforge", {}), "architecture": self.architecture,
+                           "options": self.options(), "version": 1}
         return cfg
 
     def save(self, directory: str | os.PathLike, sparsity: Tensor | None = None, n_tokens: int | None = None) -> Path:
@@ -428,6 +432,9 @@ def load_sae(directory: str | os.PathLike, device=None) -> SAE:
                     "normalize_activations", "prepend_bos", "saeforge", "dataset_path", "reshape_activations",
                     "metadata"}
     sae.cfg = {k: v for k, v in cfg.items() if k not in saelens_keys}
+    extra = {k: v for k, v in meta.items() if k not in ("architecture", "options", "version")}
+    if extra:
+        sae.cfg["saeforge"] = extra
     if cfg.get("dataset_path") is not None:
         sae.cfg["dataset"] = cfg["dataset_path"]
     return sae.to(device) if device is not None else sae

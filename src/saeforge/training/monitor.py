@@ -83,7 +83,8 @@ class Monitor:
 def summary_table(rows: list[dict]) -> str:
     """Fixed-width text table of the final metrics, one row per SAE."""
     columns = [("name", "SAE"), ("architecture", "arch"), ("d_sae", "d_sae"), ("setting", "lambda / k"),
-               ("loss", "loss"), ("recon", "recon"), ("l0", "L0"), ("dead_pct", "dead %")]
+               ("loss", "loss"), ("recon", "recon"), ("train_mse", "train MSE"), ("heldout_mse", "held-out MSE"),
+               ("l0", "L0"), ("dead_pct", "dead %")]
 
     def fmt(value) -> str:
         if isinstance(value, float):

@@ -1,10 +1,14 @@
 """Dead latents: firing trackers, and resampling for ReLU and Gated SAEs (METHODS.md, after Anthropic 2023).
 
 Resampling: latents that did not fire in the window are dead. Compute each input's reconstruction loss on a sample
-of fresh inputs; draw inputs with probability proportional to loss^2; each dead latent gets one drawn input as its
-new decoder row (normalised) and, scaled by 0.2 x the mean live encoder norm, as its encoder row; its biases become
-0 (`SAE.resample_latents`), and the Adam moments of its rows are reset. The learning-rate drop that paper A adds
-after each resample lives in `schedules.LRSchedule`.
+of fresh inputs; draw inputs with probability proportional to loss^p (Anthropic: p = 2; train.resample_loss_power);
+each dead latent gets one drawn input's CENTRED direction x - b_dec as its new decoder row (normalised) and, scaled
+by 0.2 x the mean live encoder norm, as its encoder row; its biases become 0 (`SAE.resample_latents`), and the Adam
+moments of its rows are reset. On a residual stream with a large mean the raw x is nearly the mean direction
+(median cosine 0.986 on Gemma 3 270M), so raw inputs would make every new row a copy of the mean (METHODS.md).
+The effective sample size of the draw weights, (sum w)^2 / sum w^2, is returned so that a collapse onto a few
+inputs shows in the log. The learning-rate drop that paper A adds after each resample lives in
+`schedules.LRSchedule`.
 """
 
 from __future__ import annotations
@@ -70,19 +74,30 @@ def resample_dead_latents(
     generator: torch.Generator,
     *,
     chunk: int = 4096,
-) -> torch.Tensor:
-    """Resample the latents where `dead` [d_sae] is True from `inputs` [n, d_in]; returns their indices."""
+    loss_power: float = 2.0,
+) -> tuple[torch.Tensor, float]:
+    """Resample the latents where `dead` [d_sae] is True from `inputs` [n, d_in]; returns their indices and the
+    effective sample size of the draw weights (nan when nothing was resampled)."""
     idx = dead.nonzero().squeeze(1)
     if idx.numel() == 0 or inputs.shape[0] == 0:
-        return idx[:0]
-    weights = per_token_loss(sae, inputs, chunk).pow(2).double().cpu()  # probability ~ loss^2
+        return idx[:0], float("nan")
+    weights = per_token_loss(sae, inputs, chunk).double().cpu().pow(loss_power)  # probability ~ loss^p
     if not torch.isfinite(weights).all() or weights.sum() <= 0:
         weights = torch.ones_like(weights)  # a perfect (or broken) reconstruction: draw uniformly
+    ess = effective_sample_size(weights)
     replacement = idx.numel() > int((weights > 0).sum())
     drawn = torch.multinomial(weights, idx.numel(), replacement=replacement, generator=generator)
-    sae.resample_latents(idx, inputs[drawn.to(inputs.device)])
+    chosen = inputs[drawn.to(inputs.device)]
+    sae.resample_latents(idx, chosen - sae.b_dec.detach().to(chosen.dtype))  # the centred direction x - b_dec
     params = dict(sae.named_parameters())
     for name, dim in sae.latent_params().items():
         if name in params:
             optimizer.reset_rows(params[name], idx, dim)
-    return idx
+    return idx, ess
+
+
+def effective_sample_size(weights: torch.Tensor) -> float:
+    """Kish's effective sample size (sum w)^2 / sum w^2 of non-negative weights: n for equal weights, 1 when one
+    weight holds everything."""
+    weights = weights.double()
+    return float(weights.sum() ** 2 / weights.pow(2).sum())

@@ -71,6 +71,48 @@ class CoeffSchedule:
     warmup_steps: int = 0
 
     def __call__(self, step: int) -> float:
+        return self.final * self.warmup(step)
+
+    def warmup(self, step: int) -> float:
+        """The warm-up factor of `step`: (step + 1) / warmup_steps, at most 1."""
         if self.warmup_steps <= 0:
-            return self.final
-        return self.final * min(1.0, (step + 1) / self.warmup_steps)
+            return 1.0
+        return min(1.0, (step + 1) / self.warmup_steps)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """The step counts of a run, with train's unset (None) ones sized to its length `total_steps`.
+
+    Fractions (of total steps) used for unset fields: warm-ups of lr and lambda 5% (Anthropic's April 2024 update
+    warms lambda up over the first 5%); resampling every 1/8 until half of the run (METHODS.md: "a few times in
+    the first half"), a latent dead when it did not fire over one resampling interval, the LR re-warm-up after a
+    resample a quarter of the interval (paper A's 1000 steps, scaled from its long runs); held-out MSE every 5%.
+    """
+
+    lr_warmup: int
+    sparsity_warmup: int
+    resample_every: int
+    resample_until: int
+    dead_window: int
+    resample_lr_warmup: int
+    heldout_every: int
+    l0_control_until: int
+
+    @classmethod
+    def of(cls, train, total_steps: int) -> "StepPlan":
+        def given_or(value: Optional[int], frac: float) -> int:
+            return value if value is not None else max(1, round(frac * total_steps))
+
+        resample_every = given_or(train.resample_every, 1 / 8)
+        return cls(
+            lr_warmup=given_or(train.lr_warmup_steps, 0.05),
+            sparsity_warmup=given_or(train.sparsity_warmup_steps, 0.05),
+            resample_every=resample_every,
+            resample_until=given_or(train.resample_until, 0.5),
+            dead_window=train.dead_window_steps if train.dead_window_steps is not None else resample_every,
+            resample_lr_warmup=(train.resample_lr_warmup_steps if train.resample_lr_warmup_steps is not None
+                                else max(1, resample_every // 4)),
+            heldout_every=given_or(train.heldout_every, 0.05),
+            l0_control_until=round(train.l0_control_frac * total_steps),
+        )

@@ -7,8 +7,10 @@ L(x) = 1/2 sum_i w_i (d_i . x)^2 in which features have different importances w_
 gradient that gradient TopK SAEs select with.
 
 It implements the activation-stream interface of `saeforge.data.open_stream`: iteration yields {"x", ["grad"]}
-batches; `d_in`, `scale`, `tokens_seen`, `state_dict()` / `load_state_dict()`. Batch b of rank r is generated from
-its own seed (seed, b * world_size + r), so the stream resumes exactly and ranks read disjoint data.
+batches; `d_in`, `scale`, `tokens_seen`, `activation_stats()`, `training_sample(n)`, `heldout_sample(n)`,
+`state_dict()` / `load_state_dict()`. Batch b of rank r is generated from its own seed (seed, b * world_size + r),
+so the stream resumes exactly and ranks read disjoint data; the statistics sample and the held-out sample are
+batches of negative index, which training never reads.
 """
 
 from __future__ import annotations
@@ -16,6 +18,10 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+
+from saeforge.data.store import ActivationStats, activation_stats
+
+HELDOUT_FIRST_INDEX = -1_000_000  # held-out batches: indices from here down
 
 
 class SyntheticStream:
@@ -49,9 +55,11 @@ class SyntheticStream:
         self.fire_prob = (rate * active_per_token / rate.sum()).clamp(max=1.0).float()
         self.importance = torch.rand(n_features, generator=g) ** 3  # a few features matter most downstream
         self.batches = 0
-        # Activation scale c with E||c x||^2 = d_in (METHODS.md), from a fixed sample of its own.
-        sample = torch.cat([self._make(-1 - i)["x"] for i in range(4)])
-        self.scale = float((d_in / sample.pow(2).sum(-1).mean()).sqrt())
+        self.excluded_tokens, self.epoch = 0, 0  # nothing is left out; the data never repeats
+        # Statistics (METHODS.md "Activation scale") from a fixed sample of its own; no outliers are left out.
+        self._sample = torch.cat([self._make(-1 - i)["x"] for i in range(4)])
+        self._stats = activation_stats(self._sample, None)
+        self.scale = self._stats.scale("uncentered")  # c with E||c x||^2 = d_in
 
     @property
     def tokens_seen(self) -> int:
@@ -69,6 +77,16 @@ class SyntheticStream:
             # dL/dx for L(x) = 1/2 sum_i w_i (d_i . x)^2
             batch["grad"] = ((x @ self.features.T) * self.importance) @ self.features
         return batch
+
+    def activation_stats(self) -> ActivationStats:
+        return self._stats
+
+    def training_sample(self, n_tokens: int) -> torch.Tensor:
+        return self._sample[:n_tokens]
+
+    def heldout_sample(self, n_tokens: int) -> torch.Tensor:
+        n_batches = -(-n_tokens // self.batch_size)
+        return torch.cat([self._make(HELDOUT_FIRST_INDEX - i)["x"] for i in range(n_batches)])[:n_tokens]
 
     def __iter__(self):
         return self

@@ -2,7 +2,10 @@
 
 Every batch of the stream goes to every SAE (each with its own optimizer, schedules and dead-latent state), so a
 sweep over architectures and sparsity settings costs one pass over the data. The stream yields raw activations;
-the SAEs train on c * x (c = the stream's activation scale, E||c x||^2 = d_in) and are saved with c folded in.
+the SAEs train on c * x (c from the stream's statistics sample: E||c (x - mu)||^2 = d_in, or E||c x||^2 = d_in with
+train.normalize = "uncentered") and are saved with c folded in. Outlier tokens the stream leaves out are counted;
+the threshold (raw units) is saved as cfg.json's saeforge.max_input_norm. Lambda is fixed, or steered to an L0
+target (l0_target.py); every few hundred steps each SAE's MSE on fixed training and held-out samples is logged.
 
 Data parallelism (torchrun) drops in at three places: the stream reads its rank's share (`rank`, `world_size`),
 `SAERun.step` all-reduces gradients before the optimizer step, and the firing trackers reduce across ranks before
@@ -26,11 +29,14 @@ import torch
 from tyro.conf import Positional
 
 from saeforge.config import ConfigError, RunConfig, SAESpec, load_config, to_dict
+from saeforge.models.precision import choose_precision
 from saeforge.saes import GatedSAE, create_sae, load_sae
 from saeforge.training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from saeforge.training.memory import keep_freed_memory
 from saeforge.training.monitor import Monitor, summary_table
+from saeforge.training.resample import per_token_loss
 from saeforge.training.sae_run import DEFAULT_BETAS, SAERun
+from saeforge.training.schedules import StepPlan
 
 TRAINABLE = ("relu", "gated", "topk", "gradient_topk")
 CHECKPOINT_FORMAT = 1
@@ -47,15 +53,18 @@ class TrainResult:
     steps: int
     data_exhausted: bool = False  # the stream ran out before train.tokens
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # name -> last logged metrics
-    resamples: list[dict] = field(default_factory=list)  # {"step", "sae", "n_resampled"} per resampling event
+    resamples: list[dict] = field(default_factory=list)  # {"step", "sae", "n_resampled", "ess"} per resampling event
+    excluded_tokens: int = 0  # outlier tokens the stream left out of training
 
 
 def sae_name(spec: SAESpec, d_sae: int) -> str:
-    """The directory name of an SAE: the spec's name, else architecture, width and lambda or k."""
+    """The directory name of an SAE: the spec's name, else architecture, width and L0 target, lambda or k."""
     if spec.name:
         return spec.name
     if spec.architecture in ("topk", "gradient_topk"):
         return f"{spec.architecture}_w{d_sae}_k{spec.k}"
+    if spec.target_l0 is not None:
+        return f"{spec.architecture}_w{d_sae}_t{spec.target_l0:g}"
     return f"{spec.architecture}_w{d_sae}_l{spec.sparsity_coeff:g}"
 
 
@@ -73,7 +82,8 @@ def _fingerprint(cfg: RunConfig) -> dict:
     """The parts of a config a resumed run must share with the checkpoint (tokens, logging may change)."""
     train = {k: v for k, v in to_dict(cfg.train).items()
              if k not in ("tokens", "checkpoint_every", "keep_checkpoints", "log_every", "tensorboard",
-                          "wandb_project", "out_dir", "device", "keep_freed_memory")}
+                          "wandb_project", "out_dir", "device", "keep_freed_memory", "heldout_every",
+                          "heldout_tokens")}
     return {"model": {"name": cfg.model.name, "site": cfg.model.site}, "data": to_dict(cfg.data),
             "train": train, "sae": to_dict(cfg.sae)}
 
@@ -93,6 +103,7 @@ class Trainer:
         self.device = torch.device(cfg.train.device or cfg.model.device)
         if self.device.type == "cpu" and cfg.train.keep_freed_memory:
             keep_freed_memory()
+        self.compute_precision = choose_precision(cfg.train.compute_dtype, self.device)
         self.rank, self.world_size = 0, 1
         for spec in cfg.sae:
             if spec.architecture not in TRAINABLE:
@@ -105,11 +116,15 @@ class Trainer:
         self.total_steps = cfg.train.tokens // cfg.train.batch_size
         if self.total_steps < 1:
             raise ConfigError(f"train.tokens: {cfg.train.tokens} is less than one batch ({cfg.train.batch_size})")
+        self.plan = StepPlan.of(cfg.train, self.total_steps)
         self.needs_grad = any(spec.architecture == "gradient_topk" for spec in cfg.sae)
         self.stream = stream
         self.runs: dict[str, SAERun] = {}
         self.resamples: list[dict] = []
         self.step = 0
+        self.heldout_samples: Optional[dict[str, torch.Tensor]] = None  # see _prepare_heldout
+        self._heldout_step = 0
+        self._last_metrics: dict[str, dict[str, float]] = {}
 
     # ------------------------------------------------------------------------------------------------ setup
     def _open_stream(self):
@@ -118,10 +133,19 @@ class Trainer:
 
             self.stream = open_stream(self.cfg.model, self.cfg.data, self.cfg.train.batch_size, lm=self.lm,
                                       grad=self.needs_grad, seed=self.cfg.train.seed, rank=self.rank,
-                                      world_size=self.world_size, split="train")
-        self.scale = float(self.stream.scale)
+                                      world_size=self.world_size, split="train", progress=self.progress)
+        self.stats = self.stream.activation_stats()
+        try:
+            self.scale = float(self.stats.scale(self.cfg.train.normalize))
+        except ValueError as e:
+            raise TrainingError(f"the activation statistics cannot normalise the data: {e}") from e
         if not (math.isfinite(self.scale) and self.scale > 0):
             raise TrainingError(f"the stream's activation scale is {self.scale}; it must be a positive number")
+        if self.stats.max_input_norm is not None:
+            print(f"note: tokens with raw norm above {self.stats.max_input_norm:.6g} ({self.cfg.data.max_norm_ratio:g}x "
+                  f"the median {self.stats.median_norm:.6g}) are left out of training as outliers: "
+                  f"{self.stats.excluded} of the {self.stats.excluded + self.stats.tokens:,} tokens of the statistics "
+                  "sample (data.keep_outliers = true keeps them)", file=sys.stderr)
         return self.stream
 
     def _build_runs(self, d_in: int) -> None:
@@ -152,11 +176,13 @@ class Trainer:
                 raise ConfigError(f"sae {name!r}: {e}") from e
             sae.to(self.device)
             betas = spec.adam_betas or train.adam_betas or DEFAULT_BETAS[spec.architecture]
+            steered = sae.uses_sparsity_coeff and rescale_shift_from is None  # rescale & shift has no gate to steer
             self.runs[name] = SAERun(
-                name, sae, train, total_steps=self.total_steps, lr=spec.lr or train.lr, betas=tuple(betas),
-                sparsity_coeff=spec.sparsity_coeff if sae.uses_sparsity_coeff else None,
+                name, sae, train, total_steps=self.total_steps, plan=self.plan, lr=spec.lr or train.lr,
+                betas=tuple(betas), sparsity_coeff=spec.sparsity_coeff if sae.uses_sparsity_coeff else None,
+                target_l0=spec.target_l0 if steered else None,
                 resample=(train.resample if spec.resample is None else spec.resample) and rescale_shift_from is None,
-                seed=_seed_for(train.seed + 1, name),
+                seed=_seed_for(train.seed + 1, name), compute_dtype=self.compute_precision.dtype,
             )
 
     def _model_name(self) -> str:
@@ -175,7 +201,18 @@ class Trainer:
     def _metadata(self) -> dict[str, Any]:
         model_name = self._model_name()
         return {"model_name": model_name, "hook_name": self.cfg.model.site, "context_size": self.cfg.data.context_len,
-                "dataset": self.cfg.data.cache_dir or self.cfg.data.source, "activation_scale": self.scale}
+                "dataset": self.cfg.data.cache_dir or self.cfg.data.source, "activation_scale": self.scale,
+                "precision": {"sae_compute": self.compute_precision.record(), "lm": self._lm_precision()}}
+
+    def _lm_precision(self) -> dict:
+        """The LM's dtype and why: from the live LM, else the dtype the cache was harvested in."""
+        blocks = getattr(self.stream, "blocks", None)
+        for lm in (self.lm, getattr(blocks, "lm", None)):
+            if getattr(lm, "precision", None) is not None:
+                return lm.precision.record()
+        manifest = getattr(getattr(blocks, "cache", None), "manifest", None) or {}
+        return {"dtype": str(manifest.get("lm_dtype", "unknown")).removeprefix("torch."),
+                "reason": "the activation cache was harvested in this dtype"}
 
     # ------------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -225,6 +262,10 @@ class Trainer:
                                     "(--resume) to continue it, or overwrite=True (--overwrite) to start again")
             shutil.rmtree(self.checkpoint_dir)
         stream = self._open_stream()
+        if self.progress:
+            lm = self._lm_precision()
+            print(f"language model: precision {lm['dtype']}: {lm['reason']}\n"
+                  f"SAE products: {self.compute_precision.describe()}", file=sys.stderr)
         self._build_runs(int(stream.d_in))
         if resume and existing is not None:
             _, state = load_checkpoint(existing)
@@ -264,8 +305,8 @@ class Trainer:
     def _resample_due(self) -> bool:
         # Depends on [train] only, not on which SAEs resample: the stream is consumed the same way whatever the
         # mix of SAEs, so an SAE trains on the same batches alone as next to others.
-        t = self.cfg.train
-        return t.resample and self.step % t.resample_every == 0 and self.step <= t.resample_until
+        plan = self.plan
+        return self.cfg.train.resample and self.step % plan.resample_every == 0 and self.step <= plan.resample_until
 
     def _resample(self, batches, monitor: Monitor) -> None:
         """Draw fresh inputs (consumed from the stream, not trained on) and resample each SAE's dead latents."""
@@ -282,16 +323,53 @@ class Trainer:
         tokens = self.step * t.batch_size
         for name, run in self.runs.items():
             if run.resample:
-                n = run.resample_now(sample, self.step, tokens)
-                self.resamples.append({"step": self.step, "sae": name, "n_resampled": n})
+                n, ess = run.resample_now(sample, self.step, tokens)
+                self.resamples.append({"step": self.step, "sae": name, "n_resampled": n,
+                                       "ess": ess if n else None})
                 if n:
-                    monitor.event(self.step, f"resampled {n} dead latents of {name}")
+                    monitor.event(self.step, f"resampled {n} dead latents of {name} (draw weights' effective "
+                                             f"sample size {ess:.0f} of {sample.shape[0]} inputs)")
 
-    def _log(self, monitor: Monitor) -> dict[str, dict[str, float]]:
+    def _log(self, monitor: Monitor, *, final: bool = False) -> dict[str, dict[str, float]]:
         tokens = self.step * self.cfg.train.batch_size
         metrics = {name: run.take_metrics(self.step, tokens) for name, run in self.runs.items()}
+        data = {"excluded_tokens": float(getattr(self.stream, "excluded_tokens", 0)),
+                "epoch": float(getattr(self.stream, "epoch", 0))}
+        held_out = {}
+        if self.heldout_samples is not None and (final or self.step - self._heldout_step >= self.plan.heldout_every):
+            held_out = self._heldout_mse()
+            self._heldout_step = self.step
+        for name, m in metrics.items():
+            m.update(data)
+            m.update(held_out.get(name, {}))
         monitor.log(self.step, metrics)
         return metrics
+
+    def _prepare_heldout(self) -> None:
+        """Fixed samples (scaled) of training and held-out activations for the train vs held-out MSE."""
+        self.heldout_samples, self._heldout_step = None, self.step
+        n = self.cfg.train.heldout_tokens
+        sample = getattr(self.stream, "heldout_sample", None)
+        heldout = sample(n) if n > 0 and sample is not None else None
+        if heldout is None:
+            if n > 0:
+                print("note: no held-out activations (set data.heldout_cache_dir to a cache harvested with split "
+                      "'eval'), so no held-out MSE is logged", file=sys.stderr)
+            return
+        train = self.stream.training_sample(n)
+        self.heldout_samples = {"train_mse": train.to(self.device) * self.scale,
+                                "heldout_mse": heldout.to(self.device) * self.scale}
+
+    @torch.no_grad()
+    def _heldout_mse(self) -> dict[str, dict[str, float]]:
+        """Each SAE's MSE (||x - x_hat||^2 on scaled activations, the units of `recon`) on the fixed samples.
+        gradient_topk SAEs are skipped: their encoder needs LM gradients, which the samples do not hold."""
+        out = {}
+        for name, run in self.runs.items():
+            if not run.sae.needs_grad:
+                out[name] = {key: float(per_token_loss(run.sae, x, self.cfg.train.batch_size).mean())
+                             for key, x in self.heldout_samples.items()}
+        return out
 
     def run(self, resume: bool = False, *, overwrite: bool = False) -> TrainResult:
         """Train to train.tokens (or until the data runs out); save the SAEs; return where they are."""
@@ -305,6 +383,7 @@ class Trainer:
                           wandb_project=t.wandb_project, run_name=self.out_dir.name, config=to_dict(self.cfg),
                           progress=self.progress)
         batches = iter(self.stream)
+        self._prepare_heldout()
         exhausted = False
         metrics: dict[str, dict[str, float]] = {}
         try:
@@ -325,11 +404,11 @@ class Trainer:
                 if self._resample_due():
                     self._resample(batches, monitor)
                 if self.step % t.log_every == 0:
-                    metrics = self._log(monitor)
+                    metrics = self._log(monitor, final=self.step == self.total_steps)
                 if self.step % t.checkpoint_every == 0 and self.step < self.total_steps:
                     self.save_checkpoint()
             if any(run.metric_steps for run in self.runs.values()):
-                metrics = self._log(monitor)
+                metrics = self._log(monitor, final=True)
         finally:
             monitor.close()
         checkpoint = self.save_checkpoint()
@@ -337,15 +416,29 @@ class Trainer:
         if exhausted:
             print(f"the data ran out after {tokens:,} tokens ({self.step} steps) of the {t.tokens:,} asked for; "
                   f"final checkpoint {checkpoint}", file=sys.stderr)
+        self._last_metrics = metrics
         sae_dirs = self.save_saes()
         rows = [{"name": name, "architecture": run.sae.architecture, "d_sae": run.sae.d_sae,
-                 "setting": f"k={run.sae.k}" if hasattr(run.sae, "k") else f"{run.sparsity_coeff:g}",
-                 **metrics.get(name, {}), "dead_pct": 100 * metrics.get(name, {}).get("dead_frac", float("nan"))}
+                 "setting": self._setting(run), **metrics.get(name, {}),
+                 "dead_pct": 100 * metrics.get(name, {}).get("dead_frac", float("nan"))}
                 for name, run in self.runs.items()]
+        excluded = int(getattr(self.stream, "excluded_tokens", 0))
         if self.progress:
             print(summary_table(rows), file=sys.stderr)
+            if self.stats.max_input_norm is not None:
+                print(f"outlier tokens left out of training: {excluded:,} (raw norm above "
+                      f"{self.stats.max_input_norm:.6g})", file=sys.stderr)
         return TrainResult(sae_dirs=sae_dirs, tokens_seen=tokens, steps=self.step, data_exhausted=exhausted,
-                           metrics=metrics, resamples=list(self.resamples))
+                           metrics=metrics, resamples=list(self.resamples), excluded_tokens=excluded)
+
+    @staticmethod
+    def _setting(run: SAERun) -> str:
+        """k, or the final lambda (with the L0 target it was steered to)."""
+        if hasattr(run.sae, "k"):
+            return f"k={run.sae.k}"
+        if run.l0_controller is not None:
+            return f"{run.sparsity_coeff:.4g} (target L0 {run.l0_controller.target_l0:g})"
+        return f"{run.sparsity_coeff:g}"
 
     @torch.no_grad()
     def _init_b_dec(self, x: torch.Tensor) -> None:
@@ -355,6 +448,17 @@ class Trainer:
             for run in self.runs.values():
                 if run.sae.b_dec.requires_grad:  # a frozen b_dec (rescale & shift) keeps the baseline's
                     run.sae.init_b_dec(x, method=self.cfg.train.b_dec_init)
+
+    def _training_record(self, run: SAERun) -> dict[str, Any]:
+        """The facts of training cfg.json keeps beside lambda: L0 target and L0 reached, outliers, epochs, MSEs."""
+        last = self._last_metrics.get(run.name, {})
+        record: dict[str, Any] = {"excluded_tokens": int(getattr(self.stream, "excluded_tokens", 0)),
+                                  "last_epoch": int(getattr(self.stream, "epoch", 0)),  # 0 = the first
+                                  "l0": last.get("l0"), "train_mse": last.get("train_mse"),
+                                  "heldout_mse": last.get("heldout_mse")}
+        if run.l0_controller is not None:
+            record.update(target_l0=run.l0_controller.target_l0, l0_ema_at_freeze=run.l0_controller.l0_ema)
+        return record
 
     def save_saes(self) -> dict[str, Path]:
         """Each SAE to {out_dir}/{name}/ with the activation scale folded in and its firing counts."""
@@ -366,7 +470,12 @@ class Trainer:
             sae.fold_activation_scale(self.scale)
             sae.cfg.update(meta)
             sae.cfg["training"] = {"tokens": tokens, "steps": self.step, "sparsity_coeff": run.sparsity_coeff,
-                                   "lr": run.lr_schedule.base}
+                                   "lr": run.lr_schedule.base, **self._training_record(run)}
+            sae.cfg["saeforge"] = {
+                "max_input_norm": self.stats.max_input_norm,  # raw units; None: no token was left out
+                "normalization": {"mode": self.cfg.train.normalize, "scale": self.scale,
+                                  "mean_norm": self.stats.mean_norm},  # ||mu||, raw units
+            }
             dirs[name] = sae.save(self.out_dir / name, sparsity=run.tracker.counts.cpu(), n_tokens=tokens)
         return dirs
 

@@ -83,8 +83,9 @@ def directional_derivative_figure(rows: list[dict], path: Path, title: str) -> P
     return _save(fig, path)
 
 
-def ito_figure(rows: list[dict], path: Path, title: str) -> Path | None:
-    """L0 vs loss recovered: each SAE's encoder, and gradient pursuit with its decoder at each L0 target."""
+def ito_figure(rows: list[dict], path: Path, title: str, pca_reference: list[dict] = ()) -> Path | None:
+    """L0 vs loss recovered: each SAE's encoder, gradient pursuit with its decoder at each L0 target, and the PCA
+    reference (rank k at x = k, dashed)."""
     ito_rows = [r for r in rows if r.get("ito_k") is not None]
     if not ito_rows:
         return None
@@ -95,6 +96,10 @@ def ito_figure(rows: list[dict], path: Path, title: str) -> Path | None:
         mine = sorted((r for r in ito_rows if r["name"].startswith(base["name"] + "@ito")), key=lambda r: r["l0"])
         line = ax.plot([r["l0"] for r in mine], [r[metric] for r in mine], "o--", label=f"{base['name']}: ITO")[0]
         ax.plot([base["l0"]], [base[metric]], "*", ms=14, color=line.get_color(), label=f"{base['name']}: encoder")
+    ref = sorted([r for r in pca_reference if r.get(metric) is not None], key=lambda r: r["rank"])
+    if ref:
+        ax.plot([r["rank"] for r in ref], [r[metric] for r in ref], "s--", color="gray", ms=4,
+                label="PCA rank k (x = k)")
     ax.set(xlabel="L0 (mean active latents per token)", ylabel=f"loss recovered ({metric.split('_')[-1]} ablation)",
            title=f"Inference-time optimisation (gradient pursuit)\n{title}")
     ax.legend(fontsize=8)
@@ -120,14 +125,15 @@ def steering_figure(rows: list[dict], path: Path, title: str) -> Path | None:
     return _save(fig, path)
 
 
-def eval_figures(rows: list[dict], out_dir: Path, title: str, prefix: str = "") -> list[Path]:
+def eval_figures(rows: list[dict], out_dir: Path, title: str, prefix: str = "",
+                 pca_reference: list[dict] = ()) -> list[Path]:
     """Every figure the rows support, written to out_dir; returns their paths."""
     out_dir = Path(out_dir)
     drawn = [
         firing_frequency_figure(rows, out_dir / f"{prefix}firing_frequency.png", title),
         decoder_similarity_figure(rows, out_dir / f"{prefix}decoder_max_cosine.png", title),
         directional_derivative_figure(rows, out_dir / f"{prefix}directional_derivatives.png", title),
-        ito_figure(rows, out_dir / f"{prefix}ito_l0_vs_loss_recovered.png", title),
+        ito_figure(rows, out_dir / f"{prefix}ito_l0_vs_loss_recovered.png", title, pca_reference),
         steering_figure(rows, out_dir / f"{prefix}steering.png", title),
     ]
     return [p for p in drawn if p is not None]

@@ -1,4 +1,6 @@
-"""Pareto figures of a sweep: one line per architecture through its SAEs, sorted by L0."""
+"""Pareto figures of a sweep: one line per architecture through its SAEs, sorted by L0, with bootstrap CIs as
+error bars where the rows carry them, and on every L0-vs-fidelity figure the PCA reference as a dashed line (the
+rank-k reconstruction at x = k: an SAE at L0 k below it is suspect)."""
 
 from __future__ import annotations
 
@@ -31,9 +33,21 @@ def _setting(row: dict):
     return row.get("k") if row["architecture"] in ("topk", "gradient_topk") else row.get("sparsity_coeff")
 
 
+def _error_bars(rows: list[dict], y_key: str):
+    """[2, n] distances from each value to its CI ends, or None when any row lacks a finite CI."""
+    cis = [r.get(f"{y_key}_ci") for r in rows]
+    if not all(isinstance(c, (list, tuple)) and len(c) == 2 and all(map(_finite, c)) for c in cis):
+        return None
+    below = [max(0.0, r[y_key] - c[0]) for r, c in zip(rows, cis)]
+    above = [max(0.0, c[1] - r[y_key]) for r, c in zip(rows, cis)]
+    return [below, above]
+
+
 def _line_plot(rows: list[dict], x_key: str, y_key: str, path: Path, *, xlabel: str, ylabel: str, title: str,
-               log_x: bool | None = None, hline: float | None = None, annotate: bool = True) -> Path | None:
-    """One line per architecture; each point labelled with its k or sparsity coefficient."""
+               log_x: bool | None = None, hline: float | None = None, annotate: bool = True,
+               reference: list[dict] = ()) -> Path | None:
+    """One line per architecture; each point labelled with its k or sparsity coefficient; CI error bars; the
+    reference rows (PCA, x = rank) as a dashed line."""
     groups = _by_architecture(rows)
     points = {a: sorted([r for r in rs if _finite(r.get(x_key)) and _finite(r.get(y_key))], key=lambda r: r[x_key])
               for a, rs in groups.items()}
@@ -43,13 +57,22 @@ def _line_plot(rows: list[dict], x_key: str, y_key: str, path: Path, *, xlabel: 
     fig = Figure(figsize=(7, 4.8), layout="constrained")
     ax = fig.subplots()
     for arch, rs in sorted(points.items()):
-        ax.plot([r[x_key] for r in rs], [r[y_key] for r in rs], "o-", label=arch)
+        ax.errorbar([r[x_key] for r in rs], [r[y_key] for r in rs], yerr=_error_bars(rs, y_key), fmt="o-",
+                    capsize=2, label=arch)
         if annotate:
             for r in rs:
                 if _finite(_setting(r)):
                     ax.annotate(f"{_setting(r):g}", (r[x_key], r[y_key]), fontsize=7, xytext=(3, 3),
                                 textcoords="offset points")
     xs = [r[x_key] for rs in points.values() for r in rs]
+    ref = sorted([r for r in reference if _finite(r.get(y_key))], key=lambda r: r["rank"])
+    if ref:
+        ax.errorbar([r["rank"] for r in ref], [r[y_key] for r in ref], yerr=_error_bars(ref, y_key), fmt="s--",
+                    color="gray", ms=4, capsize=2, label="PCA rank k (x = k)")
+        for r in ref:
+            ax.annotate(f"{r['rank']}", (r["rank"], r[y_key]), fontsize=7, color="gray", xytext=(3, -9),
+                        textcoords="offset points")
+        xs += [r["rank"] for r in ref]
     if log_x is None:
         log_x = min(xs) > 0 and max(xs) / min(xs) > 8
     if log_x:
@@ -68,16 +91,26 @@ def _line_plot(rows: list[dict], x_key: str, y_key: str, path: Path, *, xlabel: 
     return _save(fig, path)
 
 
-def pareto_figures(rows: list[dict], out_dir: Path, model: str, site: str) -> list[Path]:
-    """L0 vs loss recovered (each ablation), L0 vs gamma, L0 vs NMSE, and dead fraction vs k; returns the paths."""
+def pareto_figures(rows: list[dict], out_dir: Path, model: str, site: str,
+                   pca_reference: list[dict] = ()) -> list[Path]:
+    """L0 vs delta-CE, KL and loss recovered (each ablation), each with the PCA reference line; L0 vs gamma, L0 vs
+    NMSE, and dead fraction vs k; returns the paths."""
     out_dir = Path(out_dir)
     where = f"{model} @ {site}"
-    drawn = []
+    ci = " (bars: bootstrap CI over contexts)" if any(r.get("delta_ce_ci") for r in rows) else ""
+    drawn = [
+        _line_plot(rows, "l0", "delta_ce", out_dir / "pareto_l0_vs_delta_ce.png", xlabel=L0_LABEL,
+                   ylabel="delta CE = CE spliced - CE clean (nats/token)", title=f"Sparsity vs delta CE{ci}\n{where}",
+                   hline=0.0, reference=pca_reference),
+        _line_plot(rows, "l0", "kl_div", out_dir / "pareto_l0_vs_kl.png", xlabel=L0_LABEL,
+                   ylabel="KL(clean || spliced) (nats/token)", title=f"Sparsity vs KL{ci}\n{where}", hline=0.0,
+                   reference=pca_reference),
+    ]
     for kind in ("zero", "mean"):
         drawn.append(_line_plot(
             rows, "l0", f"loss_recovered_{kind}", out_dir / f"pareto_l0_vs_loss_recovered_{kind}.png",
             xlabel=L0_LABEL, ylabel=f"loss recovered vs {kind} ablation (1 = clean model)",
-            title=f"Sparsity vs fidelity ({kind} ablation)\n{where}", hline=1.0))
+            title=f"Sparsity vs fidelity ({kind} ablation){ci}\n{where}", hline=1.0, reference=pca_reference))
     drawn.append(_line_plot(rows, "l0", "gamma", out_dir / "pareto_l0_vs_gamma.png", xlabel=L0_LABEL,
                             ylabel="relative reconstruction bias gamma (1 = unbiased, < 1 = shrinkage)",
                             title=f"Shrinkage (paper A eq. 9, corrected)\n{where}", hline=1.0))
@@ -87,7 +120,7 @@ def pareto_figures(rows: list[dict], out_dir: Path, model: str, site: str) -> li
                                 title=f"Shrinkage of the part the latents reconstruct\n{where}", hline=1.0))
     drawn.append(_line_plot(rows, "l0", "nmse", out_dir / "pareto_l0_vs_nmse.png", xlabel=L0_LABEL,
                             ylabel="NMSE = mean ||x - x_hat|| / ||x||",
-                            title=f"Sparsity vs reconstruction error\n{where}"))
+                            title=f"Sparsity vs reconstruction error\n{where}", reference=pca_reference))
     drawn.append(_line_plot(rows, "k", "dead_fraction", out_dir / "dead_fraction_vs_k.png",
                             xlabel="k (latents kept per token)", ylabel="dead fraction (never fire on eval tokens)",
                             title=f"Dead latents vs k\n{where}", log_x=True, annotate=False))

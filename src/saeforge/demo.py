@@ -25,14 +25,14 @@ DEMO_SITE = "blocks.6.resid_post"
 def demo_config(out: Path, site: str, harvest_tokens: int, epochs: int, eval_tokens: int, d_sae: int,
                 gated_l0: tuple[float, ...], relu_l0: tuple[float, ...]) -> RunConfig:
     """The demo's run: Gated SAEs of d_sae latents and ReLU baselines of 1.5 d_sae, one per L0 target each."""
-    batch_size = 1024
+    batch_size = 512
     return RunConfig(
         model=ModelConfig(name="embedded", site=site, dtype="auto"),
         data=DataConfig(source="embedded", context_len=128, cache_dir=str(out / "activations"),
                         buffer_tokens=harvest_tokens),
         train=TrainConfig(
             tokens=epochs * harvest_tokens, batch_size=batch_size, lr=1e-3, lr_decay="linear",
-            checkpoint_every=10**9, log_every=25, compute_dtype="auto", out_dir=str(out / "saes"),
+            checkpoint_every=10**9, log_every=50, compute_dtype="auto", out_dir=str(out / "saes"),
         ),
         eval=EvalConfig(tokens=eval_tokens, batch_size=8, ablation=("zero", "mean"), analyses=False,
                         pca_ranks=(16, 64), out_dir=str(out / "eval")),
@@ -81,11 +81,11 @@ def demo_command(
     out: Path = Path("runs/demo"),
     site: str = DEMO_SITE,
     harvest_tokens: int = 131_072,
-    epochs: int = 6,
-    eval_tokens: int = 8_192,
-    d_sae: int = 2048,
-    gated_l0: tuple[float, ...] = (40.0,),
-    relu_l0: tuple[float, ...] = (40.0, 80.0),
+    epochs: int = 8,
+    eval_tokens: int = 4_096,
+    d_sae: int = 1024,
+    gated_l0: tuple[float, ...] = (25.0, 60.0),
+    relu_l0: tuple[float, ...] = (40.0, 100.0),
     progress: bool = True,
 ) -> None:
     """Train Gated SAEs and 1.5x wider ReLU baselines on the embedded Gemma 3 270M at L0 targets, evaluate them

@@ -72,7 +72,7 @@ def test_step_counts_scale_with_the_run_unless_given():
     plan = StepPlan.of(TrainConfig(), 2000)
     assert (plan.lr_warmup, plan.sparsity_warmup, plan.resample_every, plan.resample_until, plan.dead_window,
             plan.resample_lr_warmup, plan.heldout_every, plan.l0_control_until) == (100, 100, 250, 1000, 250, 62, 100,
-                                                                                    1000)
+                                                                                    1600)
     given = StepPlan.of(TrainConfig(lr_warmup_steps=7, resample_every=30, resample_until=90, dead_window_steps=11,
                                     resample_lr_warmup_steps=0, sparsity_warmup_steps=0), 2000)
     assert (given.lr_warmup, given.resample_every, given.resample_until, given.dead_window, given.resample_lr_warmup,

@@ -16,13 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
+from saeforge.errors import UserError
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration field is unknown, missing or invalid."""
 
 
@@ -103,9 +105,7 @@ def from_dict(cls: type, data: dict, where: str = "config") -> Any:
             raise ConfigError(f"{where}: missing required field {name!r}")
     try:
         return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError) as e:  # ConfigError included: the checks of __post_init__ do not know `where`
         raise ConfigError(f"{where}: {e}") from e
 
 
@@ -201,8 +201,10 @@ class SAESpec:
     def __post_init__(self):
         if self.d_sae is not None and self.d_sae < 1:
             raise ConfigError(f"sae.d_sae: must be positive, got {self.d_sae}")
-        if self.d_sae is None and (self.expansion is None or self.expansion <= 0):
-            raise ConfigError(f"sae.expansion: must be positive when d_sae is not given, got {self.expansion}")
+        if self.d_sae is None and not (self.expansion is not None and math.isfinite(self.expansion)
+                                       and self.expansion > 0):
+            raise ConfigError(f"sae.expansion: must be a finite positive number when d_sae is not given, got "
+                              f"{self.expansion}")
         if self.sparsity_coeff is not None and not (math.isfinite(self.sparsity_coeff) and self.sparsity_coeff >= 0):
             raise ConfigError(f"sae.sparsity_coeff: must be a finite non-negative number, got {self.sparsity_coeff}")
         if self.target_l0 is not None:
@@ -219,8 +221,8 @@ class SAESpec:
             raise ConfigError(f"sae.k: required for architecture {self.architecture!r}")
         if self.k is not None and self.k < 1:
             raise ConfigError(f"sae.k: must be positive, got {self.k}")
-        if self.lr is not None and self.lr <= 0:
-            raise ConfigError(f"sae.lr: must be positive, got {self.lr}")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"sae.lr: must be a finite positive number, got {self.lr}")
         if self.adam_betas is not None and (
             len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas)
         ):
@@ -370,6 +372,9 @@ class EvalConfig:
             raise ConfigError("eval.steering_latents, steering_top_tokens and steering_contexts must be positive")
         if not (isinstance(self.ci_level, (int, float)) and math.isfinite(self.ci_level) and 0 < self.ci_level < 1):
             raise ConfigError(f"eval.ci_level: must be a finite number in (0, 1), got {self.ci_level}")
+        if self.steering_alpha is not None and not (math.isfinite(self.steering_alpha) and self.steering_alpha > 0):
+            raise ConfigError(f"eval.steering_alpha: must be a finite positive number (or unset), got "
+                              f"{self.steering_alpha}")
         if self.bootstrap_resamples < 0:
             raise ConfigError(f"eval.bootstrap_resamples: must be >= 0, got {self.bootstrap_resamples}")
         if any(k < 1 for k in self.pca_ranks):
@@ -388,12 +393,25 @@ class RunConfig:
 
 
 def load_config(path: str | Path) -> RunConfig:
-    """Read a TOML run file; every bad field is one ConfigError naming file, section and field."""
+    """Read a TOML run file; every bad field is one ConfigError naming file, section and field ([[sae]] entries by
+    index, from 0). A file that lists no SAEs is refused (unless eval.grid_architectures makes them), so an empty or
+    mistyped file never starts a default run."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file not found: {path}")
+    if not path.is_file():
+        raise ConfigError(f"{path}: is a directory, but a TOML run file was expected")
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a text file (byte {e.start} is not UTF-8); a TOML run file was expected") from e
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from e
-    return from_dict(RunConfig, data, where=str(path))
+    if not data:
+        raise ConfigError(f"{path}: the file is empty; a run file needs at least [model] and one [[sae]] table")
+    cfg = from_dict(RunConfig, data, where=str(path))
+    if "sae" not in data and not cfg.eval.grid_architectures:
+        raise ConfigError(f"{path}: no [[sae]] table; list at least one SAE to train (or set eval.grid_architectures)")
+    if not cfg.sae and not cfg.eval.grid_architectures:
+        raise ConfigError(f"{path}: sae: the list of SAEs is empty; list at least one [[sae]] table")
+    return cfg

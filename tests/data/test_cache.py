@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from saeforge.config import ModelConfig
 from saeforge.data import ActivationCache, CacheError, harvest, open_stream
+from saeforge.data.cache import seal_manifest
 
 TOKENS, SHARD = 1000, 300
 
@@ -83,12 +84,10 @@ def test_a_shard_failing_its_checksum_is_refused_by_name(lm, corpus, cache_copy)
     data = bytearray(path.read_bytes())
     data[-3] ^= 0x40  # one flipped bit in the tensor data: same size, valid header
     path.write_bytes(bytes(data))
-    cache = ActivationCache(cache_copy)
     with pytest.raises(CacheError, match=r"shard shard_00001\.safetensors fails its sha256"):
-        cache.load_shard(1)
-    stream = open_stream(model_config(lm), data_config(corpus, cache_dir=str(cache_copy), buffer_tokens=600), 64)
+        ActivationCache(cache_copy)  # verified on open, before anything reads it
     with pytest.raises(CacheError, match=r"shard_00001\.safetensors fails its sha256"):
-        list(stream)
+        open_stream(model_config(lm), data_config(corpus, cache_dir=str(cache_copy), buffer_tokens=600), 64)
 
 
 def test_truncated_and_missing_shards_are_refused_by_name(cache_copy):
@@ -124,7 +123,7 @@ def test_wrong_dtype_is_refused(cache_copy):
     save_file({"x": load_file(path)["x"].half()}, path)
     manifest = json.loads((cache_copy / "manifest.json").read_text())
     manifest["shards"][0]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
-    (cache_copy / "manifest.json").write_text(json.dumps(manifest))
+    (cache_copy / "manifest.json").write_text(json.dumps(seal_manifest(manifest)))
     with pytest.raises(CacheError, match=r"shard_00000\.safetensors stores 'x' as F16, but the manifest says float32"):
         ActivationCache(cache_copy)
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from saeforge.data import is_eval_document, text_source
-from saeforge.data.sources import shuffle_documents
+from saeforge.data.sources import SourceError, shuffle_documents
 
 from data_helpers import make_documents
 
@@ -30,7 +30,7 @@ def test_jsonl_reads_text_field_and_names_a_missing_one(tmp_path):
     path.write_text("".join(json.dumps({"body": d, "id": i}) + "\n" for i, d in enumerate(docs)))
     train, evals = both_splits(path, text_field="body")
     assert sorted(train + evals) == sorted(docs)
-    with pytest.raises(KeyError, match=r"a\.jsonl:1: no field 'text'"):
+    with pytest.raises(SourceError, match=r"a\.jsonl:1: no field 'text'"):
         list(text_source(path))
 
 
@@ -43,7 +43,7 @@ def test_parquet_reads_column_and_names_a_missing_one(tmp_path):
     pq.write_table(pa.table({"content": docs, "n": list(range(len(docs)))}), path)
     train, evals = both_splits(path, text_field="content")
     assert sorted(train + evals) == sorted(docs)
-    with pytest.raises(KeyError, match=r"no column 'text'; columns are \['content', 'n'\]"):
+    with pytest.raises(SourceError, match=r"no column 'text'; columns are \['content', 'n'\]"):
         list(text_source(path))
 
 
@@ -55,7 +55,7 @@ def test_hugging_face_iterable_dataset_in_memory():
     train, evals = both_splits(dataset)
     assert sorted(train + evals) == sorted(docs)
     assert train == [d for d in docs if not is_eval_document(d)]  # the source's order is kept
-    with pytest.raises(KeyError, match="no field 'body'"):
+    with pytest.raises(SourceError, match="no field 'body'"):
         list(text_source(dataset, text_field="body"))
 
 

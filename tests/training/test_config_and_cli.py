@@ -81,8 +81,10 @@ def test_example_configs_load_and_describe_the_papers():
     gated = {s.d_sae for s in a.sae if s.architecture == "gated"}
     relu = {s.d_sae for s in a.sae if s.architecture == "relu"}
     assert len(gated) == len(relu) == 1 and relu.pop() == 1.5 * gated.pop()
-    assert {s.sparsity_coeff for s in a.sae if s.architecture == "gated"} == \
-        {s.sparsity_coeff for s in a.sae if s.architecture == "relu"}
+    assert {s.target_l0 for s in a.sae if s.architecture == "gated"} == \
+        {s.target_l0 for s in a.sae if s.architecture == "relu"} == {20, 40, 80, 160}
+    for path in sorted((ROOT / "configs" / "results").glob("*.toml")):  # what docs/reproduce_results.sh runs
+        assert len(load_config(path).sae) >= 8, path
     b = load_config(ROOT / "configs/paper_b_gsae_vs_topk.toml")
     for arch in ("topk", "gradient_topk"):
         assert sorted(s.k for s in b.sae if s.architecture == arch) == [8, 16, 32, 64]
@@ -139,7 +141,7 @@ k = 4
 
     again = subprocess.run([sys.executable, "-m", "saeforge", "train", str(config)], env=env, capture_output=True,
                            text=True, timeout=300)
-    assert again.returncode == 1 and "--resume" in again.stderr
+    assert again.returncode == 2 and "--resume" in again.stderr
     bad = write(tmp_path, "[train]\ntokenz = 5\n")
     proc = subprocess.run([sys.executable, "-m", "saeforge", "train", str(bad)], env=env, capture_output=True,
                           text=True, timeout=300)

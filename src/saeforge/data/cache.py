@@ -5,26 +5,35 @@ harvested with gradients, in float32, bfloat16 or float16) and `manifest.json`:
 
     {"format": "saeforge-activation-cache", "version": 1, "model": ..., "model_spec": ..., "site": ...,
      "dtype": "bfloat16", "d_in": 640, "tokens": N, "scale": c, "context_len": 128, "keep_bos": false,
-     "grad": false, "source": ..., "split": "train", "shards": [{"file": ..., "tokens": n, "sha256": ...}, ...]}
+     "grad": false, "source": ..., "split": "train", "shards": [{"file": ..., "tokens": n, "sha256": ...}, ...],
+     "manifest_sha256": ...}
 
-Every file is written under a temporary name and renamed into place, and the manifest is written last, after all
-its shards; an existing manifest is removed before a new harvest starts. So a killed harvest leaves no manifest, never
-one pointing at partial shards. Reading refuses, by name, a shard that fails its sha256, a missing or truncated
-shard, a shard whose dtype or shape differs from the manifest, and a manifest for another model, site or split.
+`manifest_sha256` seals the manifest itself (the sha256 of its other fields as canonical JSON), so an edited token
+count or scale is refused rather than used. Every file is written under a temporary name and renamed into place, and
+the manifest is written last, after all its shards; an existing manifest is removed before a new harvest starts. So
+a killed harvest leaves no manifest, never one pointing at partial shards. Opening a cache verifies all of it before
+anything is trained on it: the manifest's seal, that its token count is the sum of its shards' and its scale a
+positive number, and every shard's presence, exact size (bytes appended are refused too), dtype, shape and sha256.
+It refuses, by name, whatever fails, and a manifest for another model, site or split. A shard is checked against its
+sha256 again whenever it is read.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
+import math
 import struct
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
 
 import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
+
+from saeforge.errors import UserError
+from saeforge.files import file_sha256, write_atomic
 
 MANIFEST = "manifest.json"
 CACHE_FORMAT = "saeforge-activation-cache"
@@ -35,17 +44,19 @@ _SAFETENSORS_DTYPE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 STATISTICS_SAMPLE_TOKENS = 65536
 
 
-class CacheError(ValueError):
+class CacheError(UserError, ValueError):
     """An activation cache is incomplete, corrupt, or not the one expected."""
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def manifest_checksum(manifest: dict) -> str:
+    """The sha256 of a manifest's fields other than its seal, as canonical JSON."""
+    fields = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def seal_manifest(manifest: dict) -> dict:
+    """The manifest with its seal (`manifest_sha256`) set."""
+    return {**manifest, "manifest_sha256": manifest_checksum(manifest)}
 
 
 class CacheWriter:
@@ -92,7 +103,7 @@ class CacheWriter:
             tensors["grad"] = g[:n].to(DTYPES[self.dtype]).contiguous()
         data = save_safetensors_bytes(tensors)
         name = f"shard_{len(self.shards):05d}.safetensors"
-        _write_atomic(self.dir / name, data)
+        write_atomic(self.dir / name, data)
         self.shards.append({"file": name, "tokens": n, "sha256": hashlib.sha256(data).hexdigest()})
         self.tokens += n
 
@@ -102,11 +113,11 @@ class CacheWriter:
             self._flush(self._pending_tokens)
         if not self.shards:
             raise ValueError("no activations were written: the text source produced no tokens")
-        manifest = {
+        manifest = seal_manifest({
             "format": CACHE_FORMAT, "version": 1, **metadata, "dtype": self.dtype, "grad": self.grad,
             "tokens": self.tokens, "shards": self.shards,
-        }
-        _write_atomic(self.dir / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+        })
+        write_atomic(self.dir / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
         return manifest
 
 
@@ -117,13 +128,18 @@ def _read_header(path: Path) -> tuple[dict, int]:
         if len(head) < 8:
             raise CacheError(f"shard {path.name} is truncated ({len(head)} bytes, not even a safetensors header)")
         (header_len,) = struct.unpack("<Q", head)
+        if header_len > path.stat().st_size:
+            raise CacheError(f"shard {path.name} is not a safetensors file (its header length {header_len} exceeds "
+                             "the file)")
         raw = f.read(header_len)
     if len(raw) < header_len:
         raise CacheError(f"shard {path.name} is truncated inside its safetensors header")
     try:
         header = json.loads(raw)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CacheError(f"shard {path.name} is not a safetensors file (unreadable header)") from e
+    if not isinstance(header, dict):
+        raise CacheError(f"shard {path.name} is not a safetensors file (its header is not a table)")
     data_end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     return header, 8 + header_len + data_end
 
@@ -133,7 +149,7 @@ class ActivationCache:
 
     model: an expected model name, or several accepted names (matched against the manifest's `model` and
     `model_spec`); site, split, dtype, keep_bos: expected values; grad=True requires stored gradients.
-    Shards are checked for presence, size, dtype and shape on open; their sha256 is checked when they are read.
+    The whole cache is verified on open (see the module's docstring), so a damaged one is refused before step 1.
     """
 
     def __init__(
@@ -152,14 +168,50 @@ class ActivationCache:
         if not path.exists():
             raise CacheError(f"{self.dir} has no {MANIFEST}: not an activation cache, or its harvest did not finish")
         try:
-            self.manifest = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
+            self.manifest = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CacheError(f"{path} is not valid JSON: {e}") from e
-        if self.manifest.get("format") != CACHE_FORMAT:
+        if not isinstance(self.manifest, dict) or self.manifest.get("format") != CACHE_FORMAT:
             raise CacheError(f"{path} is not a saeforge activation cache manifest")
+        self._check_seal(path)
         self._check_expected(model, site, split, dtype, keep_bos, grad)
+        self._check_totals(path)
         for shard in self.manifest["shards"]:
             self._check_shard_file(shard)
+            if file_sha256(self.dir / shard["file"]) != shard["sha256"]:
+                raise CacheError(f"shard {shard['file']} fails its sha256 checksum: the file is corrupt or was "
+                                 "modified")
+
+    def _check_seal(self, path: Path) -> None:
+        seal = self.manifest.get("manifest_sha256")
+        if seal is None:  # harvested before manifests were sealed: still readable, but edits go unnoticed
+            print(f"note: {path} carries no manifest_sha256 (an older saeforge wrote it), so its own fields are not "
+                  "verified; harvest it again to seal it", file=sys.stderr)
+        elif seal != manifest_checksum(self.manifest):
+            raise CacheError(f"{path} fails its own checksum (manifest_sha256): the manifest was edited or is "
+                             "corrupt; harvest the cache again")
+
+    def _check_totals(self, path: Path) -> None:
+        """The manifest's shard list, token count, width and scale: present and consistent with each other."""
+        m = self.manifest
+        shards = m.get("shards")
+        if not isinstance(shards, list) or not shards:
+            raise CacheError(f"{path}: 'shards' must be a non-empty list of shards, got {shards!r}")
+        for i, shard in enumerate(shards):
+            if not (isinstance(shard, dict) and isinstance(shard.get("file"), str)
+                    and isinstance(shard.get("sha256"), str) and isinstance(shard.get("tokens"), int)
+                    and shard["tokens"] > 0):
+                raise CacheError(f"{path}: shards[{i}] must have a 'file', a positive 'tokens' and a 'sha256', got "
+                                 f"{shard!r}")
+        for key in ("tokens", "d_in"):
+            if not isinstance(m.get(key), int) or isinstance(m.get(key), bool) or m[key] < 1:
+                raise CacheError(f"{path}: '{key}' must be a positive integer, got {m.get(key)!r}")
+        listed = sum(s["tokens"] for s in shards)
+        if listed != m["tokens"]:
+            raise CacheError(f"{path}: 'tokens' is {m['tokens']}, but its shards hold {listed}")
+        scale = m.get("scale")
+        if not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale) and scale > 0):
+            raise CacheError(f"{path}: 'scale' must be a finite positive number, got {scale!r}")
 
     def _check_expected(self, model, site, split, dtype, keep_bos, grad) -> None:
         m = self.manifest
@@ -186,6 +238,9 @@ class ActivationCache:
         size = path.stat().st_size
         if size < expected_size:
             raise CacheError(f"shard {shard['file']} is truncated: {size} bytes, its header needs {expected_size}")
+        if size > expected_size:
+            raise CacheError(f"shard {shard['file']} has {size - expected_size} bytes appended after its data "
+                             f"({size} bytes, its header describes {expected_size})")
         names = ["x", "grad"] if self.manifest.get("grad") else ["x"]
         for name in names:
             if name not in header:

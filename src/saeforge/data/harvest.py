@@ -12,8 +12,10 @@ import torch
 
 from saeforge.data.cache import CacheWriter
 from saeforge.data.packing import pack_contexts
-from saeforge.data.sources import shuffle_documents, text_source
+from saeforge.config import ConfigError
+from saeforge.data.sources import check_text_source, shuffle_documents, text_source
 from saeforge.data.store import activation_scale, capture_training_tokens
+from saeforge.files import check_writable_dir
 
 
 def harvest(
@@ -119,6 +121,13 @@ def harvest_command(
     """
     from saeforge.models import load_lm
 
+    # Everything that can be checked without the model is checked before it loads.
+    for flag, value, least in (("--tokens", tokens, 1), ("--shard-tokens", shard_tokens, 1),
+                               ("--batch-size", batch_size, 1), ("--context-len", context_len, 2)):
+        if value < least:
+            raise ConfigError(f"{flag}: must be at least {least}, got {value}")
+    check_text_source(source, text_field)
+    check_writable_dir(out, "--out")
     lm = load_lm(model, device=device, dtype=model_dtype)
     print(f"language model: {lm.precision.describe()}", file=sys.stderr)
     manifest = harvest(

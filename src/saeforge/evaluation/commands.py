@@ -22,7 +22,8 @@ from tyro.conf import Positional
 
 from saeforge.config import ConfigError, DataConfig, EvalConfig, RunConfig, load_config, to_dict
 from saeforge.evaluation.compare import matched_l0_table
-from saeforge.evaluation.evaluate import evaluate
+from saeforge.evaluation.evaluate import evaluate, sae_max_input_norm
+from saeforge.files import check_writable_dir
 
 # Loss-based metrics, in the order they lead the table and the CSV; each has a bootstrap CI (`<key>_ci`).
 LOSS_COLUMNS = ["delta_ce", "kl_div", "loss_recovered_mean", "loss_recovered_zero", "l_added"]
@@ -141,13 +142,6 @@ def write_json(path: Path, payload: dict) -> Path:
     return path
 
 
-def _read_sae_cfg(directory: Path) -> dict:
-    cfg_file = directory / "cfg.json"
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"{directory} is not a saved SAE (no cfg.json)")
-    return json.loads(cfg_file.read_text())
-
-
 def eval_command(
     sae_dirs: Positional[list[Path]],
     out: Path = Path("eval_out"),
@@ -202,29 +196,44 @@ def eval_command(
         progress: show progress bars.
     """
     from saeforge.models import load_lm
+    from saeforge.saes import load_sae
     from saeforge.viz.eval_figures import eval_figures
 
+    # Everything that can be checked without the language model is checked before it loads.
+    if not sae_dirs:
+        raise ConfigError("no SAE directories given (saeforge eval SAE_DIR [SAE_DIR ...])")
     try:
-        if not sae_dirs:
-            raise ConfigError("no SAE directories given (saeforge eval SAE_DIR [SAE_DIR ...])")
         cfg = EvalConfig(tokens=tokens, batch_size=batch_size, ito=tuple(ito), steering=steering, analyses=analyses,
                          steering_latents=steering_latents, steering_alpha=steering_alpha, pca_ranks=tuple(pca_ranks),
                          pca_fit_tokens=pca_fit_tokens, ci_level=ci_level, bootstrap_resamples=bootstrap_resamples)
-        groups: dict[tuple[str, str, int], list[Path]] = defaultdict(list)
-        for d in sae_dirs:
-            sae_cfg = _read_sae_cfg(Path(d))
-            m, s = model or sae_cfg.get("model_name"), site or sae_cfg.get("hook_name")
-            if not m or not s:
-                raise ConfigError(f"{d}/cfg.json records no model_name/hook_name; pass --model and --site")
-            groups[(m, s, context_len or int(sae_cfg.get("context_size") or 128))].append(Path(d))
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"saeforge eval: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        if context_len is not None:
+            DataConfig(source=source, context_len=context_len)
+    except ConfigError as e:
+        raise ConfigError(f"command line: {e}") from e
+    groups: dict[tuple[str, str, int], list[tuple[Path, int]]] = defaultdict(list)
+    for d in map(Path, sae_dirs):
+        sae = load_sae(d)
+        sae_max_input_norm(sae, d.name)
+        m, s = model or sae.cfg.get("model_name"), site or sae.cfg.get("hook_name")
+        if not isinstance(m, str) or not m or not isinstance(s, str) or not s:
+            raise ConfigError(f"{d}/cfg.json records no model_name/hook_name; pass --model and --site")
+        ctx = context_len or sae.cfg.get("context_size") or 128
+        if isinstance(ctx, bool) or not isinstance(ctx, int) or ctx < 2:
+            raise ConfigError(f"{d}/cfg.json: context_size must be an integer of at least 2, got {ctx!r}; "
+                              "pass --context-len")
+        groups[(m, s, ctx)].append((d, sae.d_in))
+    check_writable_dir(out, "--out")
 
     rows, pca, figures = [], [], []
-    for gi, ((model_name, site_name, ctx), dirs) in enumerate(groups.items()):
+    for gi, ((model_name, site_name, ctx), entries) in enumerate(groups.items()):
         lm = load_lm(model_name, device=device, dtype=dtype)
         print(f"language model: {lm.precision.describe()}", file=sys.stderr)
+        d_site = lm.site_dim(site_name)
+        for d, d_in in entries:
+            if d_in != d_site:
+                raise ConfigError(f"SAE {d} has d_in = {d_in}, but site {site_name!r} of {lm.name} has width "
+                                  f"{d_site}: the SAE was trained on another site or model (pass --site/--model?)")
+        dirs = [d for d, _ in entries]
         precision = lm.precision.record()
         data_cfg = DataConfig(source=source, context_len=ctx)
         contexts = eval_contexts(lm, data_cfg, tokens, batch_size)
@@ -332,32 +341,30 @@ def sweep_command(
         progress: show progress bars.
     """
     from saeforge.models import load_lm
-    from saeforge.training import Trainer, TrainingError
+    from saeforge.training import Trainer
     from saeforge.training.trainer import sae_name, sae_width
 
-    try:
-        cfg = expand_grid(load_config(config))
-        if eval_tokens is not None:
+    cfg = expand_grid(load_config(config))
+    if eval_tokens is not None:
+        try:
             cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, tokens=eval_tokens))
-    except ConfigError as e:
-        print(f"saeforge sweep: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        except ConfigError as e:
+            raise ConfigError(f"command line (--eval-tokens): {e}") from e
     out = Path(out or cfg.eval.out_dir or Path(cfg.train.out_dir) / "eval")
+    check_writable_dir(out, "the sweep's output directory (--out, eval.out_dir)")
+    if train:
+        check_writable_dir(cfg.train.out_dir, "train.out_dir")
     lm = load_lm(cfg.model)
     print(f"language model: {lm.precision.describe()}", file=sys.stderr)
-    try:
-        if train:
-            sae_dirs = list(Trainer(cfg, lm=lm, progress=progress).run(resume=resume, overwrite=overwrite)
-                            .sae_dirs.values())
-        else:
-            d_in = lm.site_dim(cfg.model.site)
-            sae_dirs = [Path(cfg.train.out_dir) / sae_name(s, sae_width(s, d_in)) for s in cfg.sae]
-            missing = [str(d) for d in sae_dirs if not (d / "cfg.json").is_file()]
-            if missing:
-                raise ConfigError(f"--no-train: these SAEs were not found: {missing}")
-    except (ConfigError, TrainingError) as e:
-        print(f"saeforge sweep: error: {e}", file=sys.stderr)
-        raise SystemExit(2 if isinstance(e, ConfigError) else 1) from None
+    if train:
+        sae_dirs = list(Trainer(cfg, lm=lm, progress=progress).run(resume=resume, overwrite=overwrite)
+                        .sae_dirs.values())
+    else:
+        d_in = lm.site_dim(cfg.model.site)
+        sae_dirs = [Path(cfg.train.out_dir) / sae_name(s, sae_width(s, d_in)) for s in cfg.sae]
+        missing = [str(d) for d in sae_dirs if not (d / "cfg.json").is_file()]
+        if missing:
+            raise ConfigError(f"--no-train: these SAEs were not found: {missing}")
 
     rows, pca, figures = evaluate_run(lm, cfg, sae_dirs, out, progress=progress)
     matched = matched_l0_table(rows, level=cfg.eval.ci_level, resamples=cfg.eval.bootstrap_resamples,

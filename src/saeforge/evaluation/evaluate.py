@@ -73,6 +73,7 @@ from saeforge.evaluation.splice import (
     splice_mask,
 )
 from saeforge.evaluation.steering import steering_effects
+from saeforge.saes.base import SAELoadError
 
 # Directions per set for the directional-derivative analysis (random sets, and decoder rows sampled when wider).
 N_DIRECTIONS = 4096
@@ -90,17 +91,17 @@ def _load(entry, index: int):
     else:
         sae, path = entry, None
         name = (getattr(entry, "cfg", None) or {}).get("name") or f"{entry.architecture}_{index}"
-    return sae, name, path, _max_input_norm(sae, name)
+    return sae, name, path, sae_max_input_norm(sae, name)
 
 
-def _max_input_norm(sae, name: str) -> float | None:
+def sae_max_input_norm(sae, name: str) -> float | None:
     """The SAE's outlier threshold: sae.cfg["saeforge"]["max_input_norm"] (cfg.json's saeforge.max_input_norm,
     which load_sae keeps there), None when absent; else a finite positive number."""
     value = ((getattr(sae, "cfg", None) or {}).get("saeforge") or {}).get("max_input_norm")
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"SAE {name!r}: saeforge.max_input_norm must be a finite positive number, got {value!r}")
+        raise SAELoadError(f"SAE {name!r}: saeforge.max_input_norm must be a finite positive number, got {value!r}")
     return float(value)
 
 

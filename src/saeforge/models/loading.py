@@ -18,6 +18,7 @@ from typing import Iterator
 
 import torch
 
+from ..files import file_sha256
 from .lm import LanguageModel
 from .precision import DTYPES, Precision, choose_precision
 
@@ -79,7 +80,7 @@ def _load_path(spec, device, dtype: torch.dtype, tokenizer, name: str | None) ->
     if spec_str.endswith(".gguf"):
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file not found: {path}")
-        digest = _sha256(path)[:16]
+        digest = file_sha256(path)[:16]
 
         def copy_gguf(target: Path) -> None:
             shutil.copyfile(path, target)
@@ -127,14 +128,6 @@ def _from_hub(model_id: str, device, dtype, tokenizer, name) -> LanguageModel:
 
 # -------------------------------------------------------------------------------------------------------------
 # GGUF -> cached float checkpoint
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _assemble_embedded(target: Path) -> None:

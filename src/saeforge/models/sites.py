@@ -22,6 +22,8 @@ from typing import Literal
 
 import torch.nn as nn
 
+from ..errors import UserError
+
 SITE_KINDS = ("resid_pre", "resid_post", "attn_out", "mlp_out", "attn_z", "mlp_post")
 
 # Where the decoder layers live, relative to the root (CausalLM) module.
@@ -70,6 +72,10 @@ FAMILIES: dict[str, tuple[str, dict]] = {
 _CANONICAL = re.compile(r"^blocks\.(\d+)\.(" + "|".join(SITE_KINDS) + r")$")
 
 
+class SiteError(UserError, ValueError):
+    """A site name that does not resolve on this model, or a model whose decoder layers cannot be found."""
+
+
 @dataclass(frozen=True)
 class HookPoint:
     """A site made concrete: the module to hook and whether the site is its (first) input or its (first) output."""
@@ -89,7 +95,7 @@ def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
             continue
         if isinstance(layers, nn.ModuleList):
             return path, layers
-    raise ValueError(
+    raise SiteError(
         f"cannot find the decoder layers of {type(model).__name__}; looked for {list(_LAYER_PATHS)}"
     )
 
@@ -120,7 +126,7 @@ class SiteResolver:
         if m and self._layout is not None:
             layer, kind = int(m.group(1)), m.group(2)
             if layer >= self.n_layers:
-                raise ValueError(
+                raise SiteError(
                     f"site {site!r}: block {layer} does not exist; the model has blocks 0..{self.n_layers - 1}"
                 )
             block = f"{self.layers_path}.{layer}"
@@ -134,7 +140,7 @@ class SiteResolver:
             return HookPoint(site, site, "output", None)
         valid = self.sites()
         shown = ", ".join(valid) if valid else "(no canonical sites for this family)"
-        raise ValueError(
+        raise SiteError(
             f"unknown site {site!r} for {self.family} model. Valid canonical sites: {shown}; "
             f"or a raw module path such as {self.layers_path}.0"
         )

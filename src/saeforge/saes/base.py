@@ -15,11 +15,18 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from saeforge.errors import UserError
+
 WEIGHTS_FILE = "sae_weights.safetensors"
 CFG_FILE = "cfg.json"
+
+
+class SAELoadError(UserError, ValueError):
+    """A saved SAE directory that cannot be loaded: a missing, truncated or malformed file, or non-finite weights."""
 SPARSITY_FILE = "sparsity.safetensors"
 
 REGISTRY: dict[str, type["SAE"]] = {}
@@ -394,39 +401,60 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def load_sae(directory: str | os.PathLike, device=None) -> SAE:
-    """Restore an SAE saved by `SAE.save` (cfg.json + sae_weights.safetensors). Never unpickles anything."""
+    """Restore an SAE saved by `SAE.save` (cfg.json + sae_weights.safetensors). Never unpickles anything. Whatever
+    is wrong with the directory (a missing, truncated or malformed file, wrong shapes, non-finite weights) is one
+    SAELoadError naming the file."""
     directory = Path(directory)
     cfg_path, weights_path = directory / CFG_FILE, directory / WEIGHTS_FILE
     for p in (cfg_path, weights_path):
-        if not p.exists():
-            raise FileNotFoundError(f"not an SAE directory: {p} is missing")
+        if not p.is_file():
+            raise SAELoadError(f"{directory} is not a saved SAE (no {p.name})")
     try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_path}: not valid JSON: {e}") from e
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SAELoadError(f"{cfg_path}: not valid JSON: {e}") from e
+    if not isinstance(cfg, dict):
+        raise SAELoadError(f"{cfg_path}: expected a JSON object, got a {type(cfg).__name__}")
     for key in ("d_in", "d_sae", "dtype"):
         if key not in cfg:
-            raise ValueError(f"{cfg_path}: missing field {key!r}")
+            raise SAELoadError(f"{cfg_path}: missing field {key!r}")
+    for key in ("d_in", "d_sae"):
+        if isinstance(cfg[key], bool) or not isinstance(cfg[key], int) or cfg[key] < 1:
+            raise SAELoadError(f"{cfg_path}: {key} must be a positive integer, got {cfg[key]!r}")
     meta = cfg.get("saeforge")
     if not isinstance(meta, dict) or "architecture" not in meta:
-        raise ValueError(f"{cfg_path}: missing field 'saeforge.architecture' (not written by saeforge; "
-                         "use saeforge.interop to convert foreign formats)")
+        raise SAELoadError(f"{cfg_path}: missing field 'saeforge.architecture' (not written by saeforge; "
+                           "use saeforge.interop to convert foreign formats)")
     name = meta["architecture"]
     if name not in REGISTRY:
-        raise ValueError(f"{cfg_path}: unknown SAE architecture {name!r}; valid architectures are {sorted(REGISTRY)}")
+        raise SAELoadError(f"{cfg_path}: unknown SAE architecture {name!r}; valid architectures are "
+                           f"{sorted(REGISTRY)}")
     if cfg["dtype"] not in _DTYPES:
-        raise ValueError(f"{cfg_path}: unknown dtype {cfg['dtype']!r}; valid dtypes are {sorted(_DTYPES)}")
-    sae = REGISTRY[name](d_in=cfg["d_in"], d_sae=cfg["d_sae"], dtype=_DTYPES[cfg["dtype"]], **meta.get("options", {}))
-    state = load_file(str(weights_path))
+        raise SAELoadError(f"{cfg_path}: unknown dtype {cfg['dtype']!r}; valid dtypes are {sorted(_DTYPES)}")
+    options = meta.get("options", {})
+    if not isinstance(options, dict):
+        raise SAELoadError(f"{cfg_path}: saeforge.options must be an object, got {options!r}")
+    try:
+        sae = REGISTRY[name](d_in=cfg["d_in"], d_sae=cfg["d_sae"], dtype=_DTYPES[cfg["dtype"]], **options)
+    except (TypeError, ValueError) as e:
+        raise SAELoadError(f"{cfg_path}: not a valid {name} SAE: {e}") from e
+    try:
+        state = load_file(str(weights_path))
+    except (SafetensorError, OSError) as e:
+        raise SAELoadError(f"{weights_path}: not a readable safetensors file (truncated or corrupt?): {e}") from e
     expected = sae.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{weights_path}: tensors do not match a {name} SAE: missing {missing}, unexpected {unexpected}")
+        raise SAELoadError(f"{weights_path}: tensors do not match a {name} SAE: missing {missing}, "
+                           f"unexpected {unexpected}")
     for k, v in state.items():
         if v.shape != expected[k].shape:
-            raise ValueError(f"{weights_path}: tensor {k!r} has shape {tuple(v.shape)}, "
-                             f"expected {tuple(expected[k].shape)}")
+            raise SAELoadError(f"{weights_path}: tensor {k!r} has shape {tuple(v.shape)}, "
+                               f"expected {tuple(expected[k].shape)}")
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise SAELoadError(f"{weights_path}: tensor {k!r} holds {int((~torch.isfinite(v)).sum())} non-finite "
+                               "values (NaN or Inf); the SAE is broken (retrain it or use an earlier save)")
     sae.load_state_dict(state)
     saelens_keys = {"architecture", "d_in", "d_sae", "dtype", "device", "apply_b_dec_to_input", "k",
                     "normalize_activations", "prepend_bos", "saeforge", "dataset_path", "reshape_activations",

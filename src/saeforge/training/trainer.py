@@ -18,6 +18,7 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import shutil
 import sys
 import zlib
@@ -29,9 +30,12 @@ import torch
 from tyro.conf import Positional
 
 from saeforge.config import ConfigError, RunConfig, SAESpec, load_config, to_dict
+from saeforge.data.sources import check_text_source
+from saeforge.errors import UserError
+from saeforge.files import check_writable_dir
 from saeforge.models.precision import choose_precision
 from saeforge.saes import GatedSAE, create_sae, load_sae
-from saeforge.training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from saeforge.training.checkpoint import latest_checkpoint, load_newest_good_checkpoint, save_checkpoint
 from saeforge.training.memory import keep_freed_memory
 from saeforge.training.monitor import Monitor, summary_table
 from saeforge.training.resample import per_token_loss
@@ -42,7 +46,7 @@ TRAINABLE = ("relu", "gated", "topk", "gradient_topk")
 CHECKPOINT_FORMAT = 1
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """Training cannot go on (a non-finite loss, bad data, a checkpoint that does not fit the config)."""
 
 
@@ -70,6 +74,20 @@ def sae_name(spec: SAESpec, d_sae: int) -> str:
 
 def sae_width(spec: SAESpec, d_in: int) -> int:
     return spec.d_sae if spec.d_sae is not None else max(1, round(spec.expansion * d_in))
+
+
+def _check_fits_in_memory(index: int, name: str, d_in: int, d_sae: int) -> None:
+    """Refuse, before allocating, an SAE whose float32 weights, gradients and two Adam moments (four copies of its
+    two d_in x d_sae matrices) exceed this machine's memory, e.g. a d_sae typed with three zeros too many."""
+    try:
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system: nothing to compare against
+        return
+    needed = 4 * 2 * d_in * d_sae * 4
+    if needed > available:
+        raise ConfigError(f"sae[{index}] ({name!r}): d_sae = {d_sae:,} at d_in = {d_in} needs about "
+                          f"{needed / 2**30:,.0f} GiB for weights and optimizer state; this machine has "
+                          f"{available / 2**30:,.0f} GiB")
 
 
 def _seed_for(seed: int, name: str) -> int:
@@ -105,12 +123,13 @@ class Trainer:
             keep_freed_memory()
         self.compute_precision = choose_precision(cfg.train.compute_dtype, self.device)
         self.rank, self.world_size = 0, 1
-        for spec in cfg.sae:
+        for index, spec in enumerate(cfg.sae):
             if spec.architecture not in TRAINABLE:
-                raise ConfigError(f"sae.architecture: {spec.architecture!r} is not trained directly (trainable: "
-                                  f"{list(TRAINABLE)}); train a gated SAE and convert it with JumpReLUSAE.from_gated")
+                raise ConfigError(f"sae[{index}].architecture: {spec.architecture!r} is not trained directly "
+                                  f"(trainable: {list(TRAINABLE)}); train a gated SAE and convert it with "
+                                  "JumpReLUSAE.from_gated")
             if spec.k is not None and spec.architecture not in ("topk", "gradient_topk"):
-                raise ConfigError(f"sae.k: only topk and gradient_topk take k, not {spec.architecture!r}")
+                raise ConfigError(f"sae[{index}].k: only topk and gradient_topk take k, not {spec.architecture!r}")
         if not cfg.sae:
             raise ConfigError("sae: the run lists no SAEs ([[sae]] tables)")
         self.total_steps = cfg.train.tokens // cfg.train.batch_size
@@ -150,11 +169,12 @@ class Trainer:
 
     def _build_runs(self, d_in: int) -> None:
         train = self.cfg.train
-        for spec in self.cfg.sae:
+        for index, spec in enumerate(self.cfg.sae):
             d_sae = sae_width(spec, d_in)
             name = sae_name(spec, d_sae)
             if name in self.runs:
-                raise ConfigError(f"sae.name: two SAEs are both called {name!r}; give them distinct names")
+                raise ConfigError(f"sae[{index}].name: two SAEs are both called {name!r}; give them distinct names")
+            _check_fits_in_memory(index, name, d_in, d_sae)
             options = dict(spec.options)
             if spec.k is not None:
                 options["k"] = spec.k
@@ -173,7 +193,7 @@ class Trainer:
                 else:
                     sae = create_sae(spec.architecture, d_in=d_in, d_sae=d_sae, **options)
             except (TypeError, ValueError, FileNotFoundError) as e:
-                raise ConfigError(f"sae {name!r}: {e}") from e
+                raise ConfigError(f"sae[{index}] ({name!r}): {e}") from e
             sae.to(self.device)
             betas = spec.adam_betas or train.adam_betas or DEFAULT_BETAS[spec.architecture]
             steered = sae.uses_sparsity_coeff and rescale_shift_from is None  # rescale & shift has no gate to steer
@@ -255,6 +275,9 @@ class Trainer:
     def prepare(self, resume: bool = False, *, overwrite: bool = False) -> None:
         """Open the stream and build the SAEs (restored from the newest checkpoint when resuming). `run` calls it
         when it was not called before; calling it first gives access to `self.runs` before training starts."""
+        check_writable_dir(self.out_dir, "train.out_dir")
+        if self.stream is None and not self.cfg.data.cache_dir:
+            check_text_source(self.cfg.data.source, self.cfg.data.text_field)
         existing = latest_checkpoint(self.checkpoint_dir)
         if existing is not None and not resume:
             if not overwrite:
@@ -268,9 +291,9 @@ class Trainer:
                   f"SAE products: {self.compute_precision.describe()}", file=sys.stderr)
         self._build_runs(int(stream.d_in))
         if resume and existing is not None:
-            _, state = load_checkpoint(existing)
+            path, _, state = load_newest_good_checkpoint(self.checkpoint_dir)
             self.load_state_dict(state)
-            print(f"resuming from {existing} (step {self.step})", file=sys.stderr)
+            print(f"resuming from {path} (step {self.step})", file=sys.stderr)
         elif resume:
             print(f"no checkpoint under {self.checkpoint_dir}; starting from the beginning", file=sys.stderr)
 
@@ -288,6 +311,13 @@ class Trainer:
                                     "(open it with grad=True, or harvest the cache with gradients)")
             # d L / d(c x) = (d L / d x) / c
             grad = batch["grad"].to(self.device, torch.float32, non_blocking=True) / self.scale
+            if not torch.isfinite(grad.sum()) and not torch.isfinite(grad).all():
+                n_nan, n_inf = int(torch.isnan(grad).sum()), int(torch.isinf(grad).sum())
+                users = [name for name, run in self.runs.items() if run.sae.needs_grad]
+                raise TrainingError(
+                    f"step {self.step + 1}: the stored LM-loss gradient batch holds {n_nan} NaN and {n_inf} Inf "
+                    f"values, which SAE {users[0]!r} (and every gradient_topk SAE: {users}) selects latents with; "
+                    f"{self._last_good()}")
         return x, grad
 
     def _last_good(self) -> str:
@@ -500,15 +530,14 @@ def train_command(
         device: overrides train.device (where the SAEs train).
         progress: show the progress bar and the summary table.
     """
-    try:
-        cfg = load_config(config)
-        overrides = {k: v for k, v in (("out_dir", out_dir), ("tokens", tokens), ("device", device)) if v is not None}
-        if overrides:
+    cfg = load_config(config)
+    overrides = {k: v for k, v in (("out_dir", out_dir), ("tokens", tokens), ("device", device)) if v is not None}
+    if overrides:
+        try:
             cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **overrides))
-        result = Trainer(cfg, progress=progress).run(resume=resume, overwrite=overwrite)
-    except (ConfigError, TrainingError, CheckpointError) as e:
-        print(f"saeforge train: error: {e}", file=sys.stderr)
-        raise SystemExit(2 if isinstance(e, ConfigError) else 1) from None
+        except ConfigError as e:
+            raise ConfigError(f"command line (--out-dir, --tokens, --device): {e}") from e
+    result = Trainer(cfg, progress=progress).run(resume=resume, overwrite=overwrite)
     print(f"trained {result.steps} steps ({result.tokens_seen:,} tokens); SAEs:")
     for name, path in result.sae_dirs.items():
         print(f"  {name}: {path}")

@@ -1,0 +1,49 @@
+"""File helpers shared by the activation cache, checkpoints and commands: atomic writes, checksums, output places."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Union
+
+from saeforge.errors import UserError
+
+_READ_BLOCK = 1 << 22
+
+
+def write_atomic(path: Union[str, Path], data: bytes) -> None:
+    """Write `data` under a temporary name, flush it to disk and rename it into place: a kill never leaves a
+    half-written `path`."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def file_sha256(path: Union[str, Path]) -> str:
+    """The sha256 of a file's bytes, read in blocks (files may be larger than memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(_READ_BLOCK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_writable_dir(path: Union[str, Path], what: str) -> Path:
+    """Create directory `path` if needed and prove it takes a file, so a command fails before its expensive work
+    rather than at its first write. `what` names it in the error (e.g. "train.out_dir")."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{what}: {path} is a file, but a directory was expected")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"{what}: cannot write to {path} ({e.strerror or e})") from e
+    return path

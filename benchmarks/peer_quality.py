@@ -8,8 +8,8 @@ the same width, batch size, number of steps and learning rate; everything else f
 
 - saeforge: its `Trainer` with the defaults of `TrainConfig` (centred normalisation, outlier tokens left out,
   warm-ups sized to the run, resampling), reading the cache for as many epochs as the steps need, with an L0 target
-  (`[[sae]] target_l0`: lambda steered during the first part of training, then frozen). Without that field (older
-  saeforge) lambda is found by the same search as the peer's. Products in float32 unless --compute-dtype says else.
+  (`[[sae]] target_l0`: lambda steered during the first part of training, then frozen). Products in float32 unless
+  --compute-dtype says else.
 - the peer: SAELens's `StandardTrainingSAE` (ReLU, L1 weighted by decoder-row norms, no norm constraint) in
   SAELens's own `SAETrainer` (Adam (0.9, 0.999), constant lr, gradient clipping, no resampling, normalize_activations
   = "expected_average_only_in"), run by `benchmarks/peers/saelens_train.py` in its own virtual environment
@@ -159,23 +159,14 @@ def search(train_and_measure, target: float, start: float, rounds: int, toleranc
 
 
 # ------------------------------------------------------------------------------------------------ saeforge
-def train_saeforge(args, manifest: dict, out: Path, coeff: float | None) -> dict:
+def train_saeforge(args, manifest: dict, out: Path) -> dict:
     from saeforge.config import DataConfig, ModelConfig, RunConfig, SAESpec, TrainConfig
     from saeforge.training.trainer import Trainer
 
-    spec_fields = {f.name for f in dataclasses.fields(SAESpec)}
-    spec = {"architecture": "relu", "name": SAEFORGE_NAME, "d_sae": args.width}
-    if coeff is not None:
-        spec["sparsity_coeff"] = coeff
-    else:
-        spec["target_l0"] = args.target_l0
+    spec = SAESpec(architecture="relu", name=SAEFORGE_NAME, d_sae=args.width, target_l0=args.target_l0)
     train = {"tokens": args.steps * args.batch_size, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
              "out_dir": str(out), "tensorboard": False, "checkpoint_every": args.steps, "keep_checkpoints": 1,
-             "log_every": max(1, args.steps // 10)}
-    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    for name, value in (("compute_dtype", args.compute_dtype), ("heldout_tokens", 0)):
-        if name in train_fields:
-            train[name] = value
+             "log_every": max(1, args.steps // 10), "compute_dtype": args.compute_dtype, "heldout_tokens": 0}
     data = {"source": manifest.get("source", "embedded"), "context_len": manifest["context_len"],
             "keep_bos": manifest.get("keep_bos", False), "cache_dir": str(args.cache_dir)}
     if "text_field" in manifest:
@@ -183,7 +174,7 @@ def train_saeforge(args, manifest: dict, out: Path, coeff: float | None) -> dict
     cfg = RunConfig(model=ModelConfig(name=manifest.get("model_spec") or manifest["model"], site=manifest["site"],
                                       device="cpu"),
                     data=DataConfig(**data), train=TrainConfig(**train),
-                    sae=[SAESpec(**{k: v for k, v in spec.items() if k in spec_fields})])
+                    sae=[spec])
     t0 = time.perf_counter()
     result = Trainer(cfg, progress=False).run(overwrite=True)
     seconds = time.perf_counter() - t0
@@ -312,7 +303,7 @@ def main() -> None:
     t_start = time.perf_counter()
 
     from saeforge import __version__ as saeforge_version
-    from saeforge.config import DataConfig, SAESpec
+    from saeforge.config import DataConfig
     from saeforge.evaluation.commands import eval_contexts
     from saeforge.evaluation.evaluate import evaluate_saes
     from saeforge.models import load_lm
@@ -331,32 +322,16 @@ def main() -> None:
     l0_sample_all = sample_rows(rows, args.l0_sample_tokens, L0_SAMPLE_SEED)
     del rows
 
-    # saeforge: one run with an L0 target, or (no target_l0 in this saeforge) a search on lambda.
-    has_target = "target_l0" in {f.name for f in dataclasses.fields(SAESpec)}
-    sf_trials: list[dict] = []
-
-    def saeforge_trial(coeff):
-        run = train_saeforge(args, manifest, args.out / f"saeforge_{len(sf_trials)}", coeff)
-        sae = load_sae(run["dir"])
-        thr = (sae.cfg.get("saeforge") or {}).get("max_input_norm")
-        x = l0_sample_all if thr is None else l0_sample_all[l0_sample_all.norm(dim=1) <= thr]
-        run["l0"] = sample_l0(sae, x)
-        sf_trials.append(run)
-        return {"l0": run["l0"], "run": run}
-
-    log(f"training saeforge's ReLU SAE ({'target_l0' if has_target else 'lambda search'}, "
-        f"target L0 {args.target_l0:g})")
-    if has_target:
-        sf_best = {"coeff": None, **saeforge_trial(None)}
-        log(f"  L0 {sf_best['l0']:.2f} on the sample")
-    else:
-        sf_best, _ = search(saeforge_trial, args.target_l0, 1.0, args.search_rounds, args.l0_tolerance)
-    sf_run = sf_best["run"]
+    # saeforge: one run with an L0 target (its controller sets lambda).
+    log(f"training saeforge's ReLU SAE (target L0 {args.target_l0:g})")
+    sf_run = train_saeforge(args, manifest, args.out / "saeforge")
     sf_sae = load_sae(sf_run["dir"])
     sf_meta = sf_sae.cfg.get("saeforge") or {}
     max_input_norm = sf_meta.get("max_input_norm")
     l0_sample = l0_sample_all if max_input_norm is None else l0_sample_all[l0_sample_all.norm(dim=1) <= max_input_norm]
-    sf_lambda = sf_run["training"].get("sparsity_coeff", sf_best["coeff"])
+    sf_l0 = sample_l0(sf_sae, l0_sample)
+    log(f"  L0 {sf_l0:.2f} on the sample")
+    sf_lambda = sf_run["training"].get("sparsity_coeff")
 
     # The peer: search its L1 coefficient for saeforge's L0 (both measured on the same sample).
     peer_thr = None if args.peer_keep_outliers else max_input_norm
@@ -381,7 +356,7 @@ def main() -> None:
         sf_scale = (sf_meta.get("normalization") or {}).get("scale") or manifest["scale"]
         peer_scale = 1.0 / float(l0_sample.norm(dim=1).mean()) * math.sqrt(manifest["d_in"])
         start = float(sf_lambda or 1.0) * peer_scale / float(sf_scale)
-    target = sf_best["l0"]
+    target = sf_l0
     log(f"training SAELens's standard SAE: searching its L1 coefficient for L0 {target:.2f} (start {start:.4g})")
     peer_best, _ = search(peer_trial, target, start, args.search_rounds, args.l0_tolerance)
     peer_sae = peer_best["sae"]
@@ -429,7 +404,7 @@ def main() -> None:
             "target_l0": args.target_l0, "l0_tolerance": args.l0_tolerance, "search_rounds": args.search_rounds,
             "l0_sample_tokens": int(l0_sample.shape[0]), "eval_tokens_asked": args.eval_tokens,
             "lm_dtype": args.lm_dtype, "saeforge_compute_dtype": args.compute_dtype,
-            "saeforge_l0_by": "target_l0 controller" if has_target else "lambda search",
+            "saeforge_l0_by": "target_l0 controller",
             "saeforge_train_config": sf_run["train_config"],
             "peer_recipe": {k: peer_record.get(k) for k in ("adam_betas", "lr_scheduler", "normalize_activations",
                                                              "l1_warmup_steps", "b_dec_init")}
@@ -442,10 +417,8 @@ def main() -> None:
         },
         "install": install,
         "saeforge": {**{k: sf_row.get(k) for k in ROW_KEYS}, "sparsity_coeff_final": sf_lambda,
-                     "l0_sample": sf_best["l0"], "train_s": round(sf_run["train_s"], 1),
-                     "training": sf_run["training"],
-                     "search": [{"coeff": t["training"].get("sparsity_coeff"), "l0_sample": t["l0"]}
-                                for t in sf_trials]},
+                     "l0_sample": sf_l0, "train_s": round(sf_run["train_s"], 1),
+                     "training": sf_run["training"]},
         "peer": {**{k: peer_row.get(k) for k in ROW_KEYS}, "l1_coefficient": peer_best["coeff"],
                  "l0_sample": peer_best["l0"], "train_s": round(peer_record["train_s"], 1),
                  "scaling_factor": peer_record["scaling_factor"], "epochs": peer_record["epochs"],

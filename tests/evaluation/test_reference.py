@@ -4,33 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
+from stand_ins import AffineMap, random_contexts
 
 from saeforge.evaluation import evaluate
 from saeforge.evaluation.splice import splice_mask
 from saeforge.models import tiny_lm
 
 SITE = "blocks.1.resid_post"
-
-
-class AffineMap(nn.Module):
-    """A stand-in SAE: f = (x - center) @ enc, x_hat = f @ W_dec + b_dec."""
-
-    architecture = "test"
-    needs_grad = False
-
-    def __init__(self, enc, W_dec, b_dec, center=None, max_input_norm=None):
-        super().__init__()
-        self.enc, self.W_dec, self.b_dec = enc, W_dec, b_dec
-        self.center = torch.zeros(enc.shape[0]) if center is None else center
-        self.d_in, self.d_sae = W_dec.shape[1], W_dec.shape[0]
-        self.cfg = {} if max_input_norm is None else {"saeforge": {"max_input_norm": max_input_norm}}
-
-    def encode(self, x, grad=None):
-        return (x - self.center.to(x)) @ self.enc.to(x)
-
-    def decode(self, f):
-        return f @ self.W_dec.to(f) + self.b_dec.to(f)
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +20,7 @@ def lm():
 
 @pytest.fixture(scope="module")
 def contexts(lm):
-    g = torch.Generator().manual_seed(1)
-    tokens = torch.randint(3, lm.vocab_size, (12, 16), generator=g)
-    tokens[:, 0] = lm.bos_token_id
-    return tokens
+    return random_contexts(lm, 12, 16, seed=1)
 
 
 def _site_activations(lm, contexts):
@@ -84,9 +61,7 @@ def test_pca_reference_splices_the_rank_k_reconstruction(lm, contexts):
 
 
 def test_pca_fitted_on_another_sample_says_so(lm, contexts):
-    g = torch.Generator().manual_seed(7)
-    fit = torch.randint(3, lm.vocab_size, (8, 16), generator=g)
-    fit[:, 0] = lm.bos_token_id
+    fit = random_contexts(lm, 8, 16, seed=7)
     own = evaluate(lm, [], SITE, contexts, batch_size=4, pca_ranks=(8,), progress=False).pca_reference[0]
     other = evaluate(lm, [], SITE, contexts, batch_size=4, pca_ranks=(8,), pca_fit_contexts=fit,
                      progress=False).pca_reference[0]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
+from stand_ins import AffineMap, random_contexts
 
 from saeforge import create_sae
 from saeforge.config import EvalConfig
@@ -15,25 +15,6 @@ from saeforge.models import tiny_lm
 SITE = "blocks.1.resid_post"
 
 
-class LinearDictionary(nn.Module):
-    """A stand-in SAE: f = x @ enc, x_hat = f @ W_dec + b_dec."""
-
-    architecture = "test"
-    needs_grad = False
-
-    def __init__(self, enc: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor):
-        super().__init__()
-        self.enc, self.W_dec, self.b_dec = enc, W_dec, b_dec
-        self.d_in, self.d_sae = W_dec.shape[1], W_dec.shape[0]
-        self.cfg = {}
-
-    def encode(self, x, grad=None):
-        return x @ self.enc.to(x)
-
-    def decode(self, f):
-        return f @ self.W_dec.to(f) + self.b_dec.to(f)
-
-
 @pytest.fixture(scope="module")
 def lm():
     return tiny_lm("gemma3", seed=0)
@@ -41,18 +22,15 @@ def lm():
 
 @pytest.fixture(scope="module")
 def contexts(lm):
-    g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(3, lm.vocab_size, (6, 12), generator=g)
-    tokens[:, 0] = lm.bos_token_id
-    return tokens
+    return random_contexts(lm, 6, 12, seed=0)
 
 
 def test_identity_recovers_all_and_ablations_recover_nothing(lm, contexts):
     d = lm.site_dim(SITE)
     eye = torch.eye(d)
-    identity = LinearDictionary(eye, eye, torch.zeros(d))
-    zero = LinearDictionary(torch.zeros(d, d), eye, torch.zeros(d))
-    mean = LinearDictionary(torch.zeros(d, d), eye, torch.zeros(d))
+    identity = AffineMap(eye, eye, torch.zeros(d))
+    zero = AffineMap(torch.zeros(d, d), eye, torch.zeros(d))
+    mean = AffineMap(torch.zeros(d, d), eye, torch.zeros(d))
     base = baseline_losses(lm, SITE, list(contexts.split(4)))
     mean.b_dec = base.stats.mean.clone()
     rows = evaluate_saes(lm, [identity, zero, mean], SITE, contexts, batch_size=4, analyses=False, progress=False)

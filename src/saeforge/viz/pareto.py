@@ -29,8 +29,11 @@ def _finite(value) -> bool:
 
 
 def _setting(row: dict):
-    """What distinguishes SAEs of one architecture in a sweep: k, or the sparsity coefficient."""
-    return row.get("k") if row["architecture"] in ("topk", "gradient_topk") else row.get("sparsity_coeff")
+    """What distinguishes SAEs of one architecture in a sweep (seeds share it): k, the L0 target, or the fixed
+    sparsity coefficient."""
+    if row["architecture"] in ("topk", "gradient_topk"):
+        return row.get("k")
+    return row.get("target_l0") if row.get("target_l0") is not None else row.get("sparsity_coeff")
 
 
 def _error_bars(rows: list[dict], y_key: str):
@@ -46,8 +49,8 @@ def _error_bars(rows: list[dict], y_key: str):
 def _line_plot(rows: list[dict], x_key: str, y_key: str, path: Path, *, xlabel: str, ylabel: str, title: str,
                log_x: bool | None = None, hline: float | None = None, annotate: bool = True,
                reference: list[dict] = ()) -> Path | None:
-    """One line per architecture; each point labelled with its k or sparsity coefficient; CI error bars; the
-    reference rows (PCA, x = rank) as a dashed line."""
+    """One line per architecture; each setting labelled once with its k, L0 target or sparsity coefficient (seeds
+    are points of their own); CI error bars; the reference rows (PCA, x = rank) as a dashed line."""
     groups = _by_architecture(rows)
     points = {a: sorted([r for r in rs if _finite(r.get(x_key)) and _finite(r.get(y_key))], key=lambda r: r[x_key])
               for a, rs in groups.items()}
@@ -60,7 +63,10 @@ def _line_plot(rows: list[dict], x_key: str, y_key: str, path: Path, *, xlabel: 
         ax.errorbar([r[x_key] for r in rs], [r[y_key] for r in rs], yerr=_error_bars(rs, y_key), fmt="o-",
                     capsize=2, label=arch)
         if annotate:
+            labelled = {}
             for r in rs:
+                labelled.setdefault(_setting(r), r)
+            for r in labelled.values():
                 if _finite(_setting(r)):
                     ax.annotate(f"{_setting(r):g}", (r[x_key], r[y_key]), fontsize=7, xytext=(3, 3),
                                 textcoords="offset points")
@@ -87,7 +93,7 @@ def _line_plot(rows: list[dict], x_key: str, y_key: str, path: Path, *, xlabel: 
         ax.axhline(hline, color="gray", lw=0.8, ls=":")
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
-    ax.legend(title="architecture (points: k or sparsity coeff.)" if annotate else "architecture", fontsize=8)
+    ax.legend(title="architecture (points: k, L0 target or lambda)" if annotate else "architecture", fontsize=8)
     return _save(fig, path)
 
 

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Remakes docs/results.md's runs on the embedded Gemma 3 270M: harvests (cached under runs/results/cache), then one
 # `saeforge sweep` per results config, then the tables. Run from the repository root after `make install`.
-# Measured on 2 cores of an Intel Xeon with native bf16 (dtype "auto" picks bf16 there): about 35 minutes for
-# paper_a_resid, 12 for its ablations and 35 for paper_a_mlp; expect about 3x that where "auto" picks float32.
+# Measured on an Intel Xeon with native bf16 ("auto" picks bf16), one thread per job while other work shared the 2
+# cores: harvests about 1 minute, paper_a_resid 61 minutes (28 training, 33 evaluating 20 SAEs on 32k tokens), its
+# ablations 34; paper_a_mlp is the same size as paper_a_resid (not yet run). Expect 2-3x that where "auto" picks
+# float32 (CPUs without native bf16).
 set -euo pipefail
 SAEFORGE="${SAEFORGE:-.venv/bin/saeforge}"
 PY="${PY:-.venv/bin/python}"

@@ -10,10 +10,10 @@ SAEFORGE="${SAEFORGE:-.venv/bin/saeforge}"
 PY="${PY:-.venv/bin/python}"
 CACHE=runs/results/cache
 
-harvest() {  # site, name: 262,144 training tokens and 16,384 held-out ones, once
-    local site=$1 name=$2
+harvest() {  # site, name[, --grad]: 262,144 training tokens and 16,384 held-out ones, once
+    local site=$1 name=$2 grad=${3:-}
     [ -f "$CACHE/${name}_train/manifest.json" ] || "$SAEFORGE" harvest --model embedded --site "$site" \
-        --source embedded --out "$CACHE/${name}_train" --tokens 262144 --dtype float32 --model-dtype auto
+        --source embedded --out "$CACHE/${name}_train" --tokens 262144 --dtype float32 --model-dtype auto $grad
     [ -f "$CACHE/${name}_eval/manifest.json" ] || "$SAEFORGE" harvest --model embedded --site "$site" \
         --source embedded --out "$CACHE/${name}_eval" --split eval --tokens 16384 --dtype float32 --model-dtype auto
 }
@@ -23,4 +23,7 @@ harvest blocks.9.resid_post resid9
 "$SAEFORGE" sweep configs/results/paper_a_resid_ablations.toml --overwrite  # untied, no r_mag, unfrozen aux, rescale & shift
 harvest blocks.9.mlp_out mlp9
 "$SAEFORGE" sweep configs/results/paper_a_mlp.toml --overwrite              # Gated vs ReLU at an MLP output
+# Paper B (not yet run with this recipe; docs/results.md): the gradients at the site are harvested with the activations.
+harvest blocks.9.resid_post resid9_grad --grad
+"$SAEFORGE" sweep configs/results/paper_b.toml --overwrite                  # g-SAE vs TopK, beta once, steering
 "$PY" docs/results_tables.py > docs/results/tables.md

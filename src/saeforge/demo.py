@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from saeforge.config import DataConfig, EvalConfig, ModelConfig, RunConfig, SAESpec, TrainConfig, to_dict
+from saeforge.evaluation.commands import ci_cell
 
 DEMO_SITE = "blocks.6.resid_post"
 
@@ -41,29 +42,20 @@ def demo_config(out: Path, site: str, harvest_tokens: int, epochs: int, eval_tok
     )
 
 
-def _ci(row: dict, key: str, fmt: str) -> str:
-    value, ci = row.get(key), row.get(f"{key}_ci")
-    if not isinstance(value, (int, float)):
-        return "-"
-    if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(isinstance(v, (int, float)) for v in ci):
-        return f"{fmt.format(value)} [{fmt.format(ci[0])}, {fmt.format(ci[1])}]"
-    return fmt.format(value)
-
-
 def demo_table(rows: list[dict], pca: list[dict] = ()) -> str:
     """Markdown: one line per SAE (CIs in brackets), then the PCA reference lines."""
     head = ("| SAE | latents | L0 | delta-CE (nats) | KL | loss recovered (mean abl.) | loss recovered (zero abl.) "
             "| gamma about b_dec | dead fraction |")
     lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['name']} | {r['d_sae']} | {r['l0']:.1f} | {_ci(r, 'delta_ce', '{:.3f}')} | "
-                     f"{_ci(r, 'kl_div', '{:.3f}')} | {_ci(r, 'loss_recovered_mean', '{:.3f}')} | "
-                     f"{_ci(r, 'loss_recovered_zero', '{:.3f}')} | {r['gamma_centered']:.3f} | "
+        lines.append(f"| {r['name']} | {r['d_sae']} | {r['l0']:.1f} | {ci_cell(r, 'delta_ce', '{:.3f}')} | "
+                     f"{ci_cell(r, 'kl_div', '{:.3f}')} | {ci_cell(r, 'loss_recovered_mean', '{:.3f}')} | "
+                     f"{ci_cell(r, 'loss_recovered_zero', '{:.3f}')} | {r['gamma_centered']:.3f} | "
                      f"{r['dead_fraction']:.3f} |")
     for p in pca:
-        lines.append(f"| PCA rank {p['rank']} | - | {p['rank']} | {_ci(p, 'delta_ce', '{:.3f}')} | "
-                     f"{_ci(p, 'kl_div', '{:.3f}')} | {_ci(p, 'loss_recovered_mean', '{:.3f}')} | "
-                     f"{_ci(p, 'loss_recovered_zero', '{:.3f}')} | - | - |")
+        lines.append(f"| PCA rank {p['rank']} | - | {p['rank']} | {ci_cell(p, 'delta_ce', '{:.3f}')} | "
+                     f"{ci_cell(p, 'kl_div', '{:.3f}')} | {ci_cell(p, 'loss_recovered_mean', '{:.3f}')} | "
+                     f"{ci_cell(p, 'loss_recovered_zero', '{:.3f}')} | - | - |")
     return "\n".join(lines)
 
 

@@ -23,6 +23,7 @@ from tyro.conf import Positional
 from saeforge.config import ConfigError, DataConfig, EvalConfig, RunConfig, load_config, to_dict
 from saeforge.evaluation.compare import matched_l0_table
 from saeforge.evaluation.evaluate import evaluate, sae_max_input_norm
+from saeforge.evaluation.metrics import finite_ci, is_finite_number
 from saeforge.files import check_writable_dir
 
 # Loss-based metrics, in the order they lead the table and the CSV; each has a bootstrap CI (`<key>_ci`).
@@ -67,8 +68,12 @@ def eval_contexts(lm, data_cfg: DataConfig, tokens: int, batch_size: int = 4, sp
     return torch.stack(picked[:n_contexts])
 
 
-def _finite(v) -> bool:
-    return isinstance(v, (int, float)) and math.isfinite(v)
+def ci_cell(row: dict, key: str, fmt: str) -> str:
+    """A table cell: the value, its interval in brackets when it has one, "-" when it has no finite value."""
+    value, ci = row.get(key), finite_ci(row, key)
+    if not is_finite_number(value):
+        return "-"
+    return fmt.format(value) + (f" [{fmt.format(ci[0])}, {fmt.format(ci[1])}]" if ci else "")
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -77,13 +82,7 @@ def markdown_table(rows: list[dict]) -> str:
     lines = ["| SAE | arch | " + " | ".join(h for _, h, _ in cols) + " |",
              "|---|---|" + "---:|" * len(cols)]
     for r in rows:
-        cells = []
-        for key, _, fmt in cols:
-            v, ci = r.get(key), r.get(f"{key}_ci")
-            cell = fmt.format(v) if _finite(v) else "-"
-            if _finite(v) and isinstance(ci, (list, tuple)) and len(ci) == 2 and all(map(_finite, ci)):
-                cell += f" [{fmt.format(ci[0])}, {fmt.format(ci[1])}]"
-            cells.append(cell)
+        cells = [ci_cell(r, key, fmt) for key, _, fmt in cols]
         lines.append(f"| {r['name']} | {r['architecture']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from saeforge.evaluation.bootstrap import loss_metrics
+from saeforge.evaluation.metrics import is_finite_number
 
 LOWER_IS_BETTER = {"delta_ce", "kl_div", "l_added"}
 METRICS = ("loss_recovered_mean", "loss_recovered_zero", "delta_ce", "kl_div", "l_added")
@@ -44,7 +45,7 @@ def _variant(row: dict) -> str:
     return row.get("variant") or row["architecture"]
 
 
-def _setting(row: dict):
+def setting(row: dict):
     """What makes rows of one variant the same point: the L0 target, else k, else the sparsity coefficient."""
     for key in ("target_l0", "k", "sparsity_coeff"):
         if row.get(key) is not None:
@@ -56,13 +57,9 @@ def _curve_points(rows: list[dict], variant: str) -> dict[tuple, list[dict]]:
     """setting -> the rows (seeds) of that variant, ITO rows and rows without a finite L0 left out."""
     points: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
-        if _variant(r) == variant and r.get("ito_k") is None and _finite(r.get("l0")) and r["l0"] > 0:
-            points[_setting(r)].append(r)
+        if _variant(r) == variant and r.get("ito_k") is None and is_finite_number(r.get("l0")) and r["l0"] > 0:
+            points[setting(r)].append(r)
     return dict(points)
-
-
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _inverse(log_l0: np.ndarray, fidelity: np.ndarray):
@@ -112,7 +109,7 @@ def _matched_l0_ratio(rows: list[dict], a: str, b: str, metric: str, level: floa
         raise ValueError(f"metric must be one of {list(METRICS)}, got {metric!r}")
     sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
     groups = {v: _curve_points(rows, v) for v in (a, b)}
-    groups = {v: {s: [r for r in rs if _finite(r.get(metric))] for s, rs in g.items()} for v, g in groups.items()}
+    groups = {v: {s: [r for r in rs if is_finite_number(r.get(metric))] for s, rs in g.items()} for v, g in groups.items()}
     groups = {v: {s: rs for s, rs in g.items() if rs} for v, g in groups.items()}
     out = {"a": a, "b": b, "metric": metric, "ratio": None, "ratio_ci": None, "ci_level": level, "overlap": None,
            "points_a": len(groups[a]), "points_b": len(groups[b]),
@@ -174,7 +171,7 @@ def matched_l0_table(rows: list[dict], metrics: tuple[str, ...] = ("loss_recover
         v = _variant(r)
         if r.get("ito_k") is None and v not in variants and len(_curve_points(rows, v)) >= 2:
             variants.append(v)
-    present = [m for m in metrics if any(_finite(r.get(m)) for r in rows)]
+    present = [m for m in metrics if any(is_finite_number(r.get(m)) for r in rows)]
     return [matched_l0_ratio(rows, a, b, m, level=level, resamples=resamples, seed=seed)
             for i, a in enumerate(variants) for b in variants[i + 1:] for m in present]
 

@@ -173,6 +173,19 @@ class LossStats:
         return self.sum_kl / self.n
 
 
+def is_finite_number(value) -> bool:
+    """A finite int or float (result rows hold None or NaN where a metric does not exist)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def finite_ci(row: dict, key: str):
+    """The row's (lo, hi) interval for `key` when it has one with finite ends, else None."""
+    ci = row.get(f"{key}_ci")
+    if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(map(is_finite_number, ci)):
+        return ci[0], ci[1]
+    return None
+
+
 def loss_recovered(ce_clean, ce_spliced, ce_ablated):
     """(CE_ablated - CE_spliced) / (CE_ablated - CE_clean): 1 = as good as the clean model, 0 = as bad as ablation.
     Floats give a float, numpy arrays (bootstrap resamples) an array; NaN where the ablation changes nothing."""

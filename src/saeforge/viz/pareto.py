@@ -4,13 +4,14 @@ rank-k reconstruction at x = k: an SAE at L0 k below it is suspect)."""
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from pathlib import Path
 
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
+from saeforge.evaluation.compare import setting
+from saeforge.evaluation.metrics import finite_ci, is_finite_number
 from saeforge.viz.eval_figures import _save
 
 L0_LABEL = "L0 (mean active latents per token)"
@@ -24,22 +25,10 @@ def _by_architecture(rows: list[dict]) -> dict[str, list[dict]]:
     return dict(groups)
 
 
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
-
-
-def _setting(row: dict):
-    """What distinguishes SAEs of one architecture in a sweep (seeds share it): k, the L0 target, or the fixed
-    sparsity coefficient."""
-    if row["architecture"] in ("topk", "gradient_topk"):
-        return row.get("k")
-    return row.get("target_l0") if row.get("target_l0") is not None else row.get("sparsity_coeff")
-
-
 def _error_bars(rows: list[dict], y_key: str):
     """[2, n] distances from each value to its CI ends, or None when any row lacks a finite CI."""
-    cis = [r.get(f"{y_key}_ci") for r in rows]
-    if not all(isinstance(c, (list, tuple)) and len(c) == 2 and all(map(_finite, c)) for c in cis):
+    cis = [finite_ci(r, y_key) for r in rows]
+    if not all(cis):
         return None
     below = [max(0.0, r[y_key] - c[0]) for r, c in zip(rows, cis)]
     above = [max(0.0, c[1] - r[y_key]) for r, c in zip(rows, cis)]
@@ -52,7 +41,7 @@ def _line_plot(rows: list[dict], x_key: str, y_key: str, path: Path, *, xlabel: 
     """One line per architecture; each setting labelled once with its k, L0 target or sparsity coefficient (seeds
     are points of their own); CI error bars; the reference rows (PCA, x = rank) as a dashed line."""
     groups = _by_architecture(rows)
-    points = {a: sorted([r for r in rs if _finite(r.get(x_key)) and _finite(r.get(y_key))], key=lambda r: r[x_key])
+    points = {a: sorted([r for r in rs if is_finite_number(r.get(x_key)) and is_finite_number(r.get(y_key))], key=lambda r: r[x_key])
               for a, rs in groups.items()}
     points = {a: rs for a, rs in points.items() if rs}
     if not points:
@@ -65,13 +54,13 @@ def _line_plot(rows: list[dict], x_key: str, y_key: str, path: Path, *, xlabel: 
         if annotate:
             labelled = {}
             for r in rs:
-                labelled.setdefault(_setting(r), r)
-            for r in labelled.values():
-                if _finite(_setting(r)):
-                    ax.annotate(f"{_setting(r):g}", (r[x_key], r[y_key]), fontsize=7, xytext=(3, 3),
+                labelled.setdefault(setting(r), r)
+            for (_, value), r in labelled.items():
+                if is_finite_number(value):
+                    ax.annotate(f"{value:g}", (r[x_key], r[y_key]), fontsize=7, xytext=(3, 3),
                                 textcoords="offset points")
     xs = [r[x_key] for rs in points.values() for r in rs]
-    ref = sorted([r for r in reference if _finite(r.get(y_key))], key=lambda r: r["rank"])
+    ref = sorted([r for r in reference if is_finite_number(r.get(y_key))], key=lambda r: r["rank"])
     if ref:
         ax.errorbar([r["rank"] for r in ref], [r[y_key] for r in ref], yerr=_error_bars(ref, y_key), fmt="s--",
                     color="gray", ms=4, capsize=2, label="PCA rank k (x = k)")
@@ -120,7 +109,7 @@ def pareto_figures(rows: list[dict], out_dir: Path, model: str, site: str,
     drawn.append(_line_plot(rows, "l0", "gamma", out_dir / "pareto_l0_vs_gamma.png", xlabel=L0_LABEL,
                             ylabel="relative reconstruction bias gamma (1 = unbiased, < 1 = shrinkage)",
                             title=f"Shrinkage (paper A eq. 9, corrected)\n{where}", hline=1.0))
-    if any(_finite(r.get("gamma_centered")) for r in rows):
+    if any(is_finite_number(r.get("gamma_centered")) for r in rows):
         drawn.append(_line_plot(rows, "l0", "gamma_centered", out_dir / "pareto_l0_vs_gamma_centered.png",
                                 xlabel=L0_LABEL, ylabel="gamma of x - b_dec and x_hat - b_dec (< 1 = shrinkage)",
                                 title=f"Shrinkage of the part the latents reconstruct\n{where}", hline=1.0))

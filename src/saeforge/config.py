@@ -340,7 +340,9 @@ class EvalConfig:
     steering: bool = False  # paper B section 4.2 steering measurement
     steering_latents: int = 16  # alive latents sampled per SAE (each costs steering_contexts forward passes)
     steering_top_tokens: int = 10  # n: the tokens with largest W_U^T d_i count as on-target
-    steering_alpha: Optional[float] = None  # added norm; None = the mean activation norm at the site
+    # Push sizes, as multiples of the site's RMS centred norm sqrt(tr Cov x): a residual stream's raw norm is mostly
+    # its mean (one massive dimension), which says nothing about how far a feature direction can be moved.
+    steering_alphas: tuple[float, ...] = (0.1, 0.3, 1.0)
     steering_contexts: int = 4  # eval contexts the probability change is averaged over
     # Bootstrap CIs over held-out contexts for every loss-based metric (delta-CE, KL, loss recovered, L_added).
     ci_level: float = 0.95  # confidence level of the intervals
@@ -372,9 +374,9 @@ class EvalConfig:
             raise ConfigError("eval.steering_latents, steering_top_tokens and steering_contexts must be positive")
         if not (isinstance(self.ci_level, (int, float)) and math.isfinite(self.ci_level) and 0 < self.ci_level < 1):
             raise ConfigError(f"eval.ci_level: must be a finite number in (0, 1), got {self.ci_level}")
-        if self.steering_alpha is not None and not (math.isfinite(self.steering_alpha) and self.steering_alpha > 0):
-            raise ConfigError(f"eval.steering_alpha: must be a finite positive number (or unset), got "
-                              f"{self.steering_alpha}")
+        if not self.steering_alphas or not all(math.isfinite(a) and a > 0 for a in self.steering_alphas):
+            raise ConfigError(f"eval.steering_alphas: must be finite positive numbers (at least one), got "
+                              f"{list(self.steering_alphas)}")
         if self.bootstrap_resamples < 0:
             raise ConfigError(f"eval.bootstrap_resamples: must be >= 0, got {self.bootstrap_resamples}")
         if any(k < 1 for k in self.pca_ranks):

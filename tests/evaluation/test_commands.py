@@ -35,7 +35,8 @@ def test_eval_cli_subprocess_writes_json_table_and_figures(tmp_path, tiny_model_
     env = {**os.environ, "PYTHONPATH": str(SRC)}
     proc = subprocess.run(
         [sys.executable, "-m", "saeforge", "eval", str(relu), str(topk), "--out", str(out), "--tokens", "256",
-         "--source", str(corpus_txt), "--ito", "2", "4", "--steering", "--batch-size", "4", "--no-progress"],
+         "--source", str(corpus_txt), "--ito", "2", "4", "--steering", "--steering-alphas", "0.5", "2",
+         "--batch-size", "4", "--no-progress"],
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -44,7 +45,9 @@ def test_eval_cli_subprocess_writes_json_table_and_figures(tmp_path, tiny_model_
     assert [r["name"] for r in rows] == ["relu", "topk", "relu@ito2", "relu@ito4", "topk@ito2", "topk@ito4"]
     assert all(r["site"] == SITE and r["eval_contexts"] == 8 for r in rows)
     assert rows[1]["l0"] <= 8 + 1e-9 and rows[3]["l0"] <= 4 + 1e-9
-    assert len(rows[0]["steering"]["latents"]) > 0 and "mean_on_target" in rows[0]["steering"]
+    steer = rows[0]["steering"]
+    assert len(steer["latents"]) > 0 and steer["alpha_scales"] == [0.5, 2.0] and steer["alpha_unit"] > 0
+    assert [p["alpha"] for p in steer["sweep"]] == pytest.approx([0.5 * steer["alpha_unit"], 2 * steer["alpha_unit"]])
     assert 0.0 <= rows[0]["dead_fraction"] <= 1.0
     # delta-CE, KL and loss recovered with bootstrap CIs over the 8 contexts; the per-context arrays kept.
     for key in ("delta_ce", "kl_div", "loss_recovered_mean", "loss_recovered_zero", "l_added"):

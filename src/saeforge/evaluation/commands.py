@@ -148,7 +148,7 @@ def eval_command(
     ito: tuple[int, ...] = (),
     steering: bool = False,
     steering_latents: int = 16,
-    steering_alpha: Optional[float] = None,
+    steering_alphas: tuple[float, ...] = EvalConfig.steering_alphas,
     model: Optional[str] = None,
     site: Optional[str] = None,
     source: str = "embedded",
@@ -177,7 +177,7 @@ def eval_command(
         ito: L0 targets for inference-time optimisation by gradient pursuit with each SAE's decoder.
         steering: run paper B's steering measurement on a sample of latents.
         steering_latents: alive latents sampled per SAE for steering.
-        steering_alpha: norm of the added steering vector (else the mean activation norm at the site).
+        steering_alphas: push sizes, as multiples of the site's RMS centred activation norm.
         model: the language model (else each SAE's cfg.json model_name).
         site: the site (else each SAE's cfg.json hook_name).
         source: text source of the held-out split ("embedded", a .txt/.jsonl/.parquet path, "hf:<id>").
@@ -203,7 +203,7 @@ def eval_command(
         raise ConfigError("no SAE directories given (saeforge eval SAE_DIR [SAE_DIR ...])")
     try:
         cfg = EvalConfig(tokens=tokens, batch_size=batch_size, ito=tuple(ito), steering=steering, analyses=analyses,
-                         steering_latents=steering_latents, steering_alpha=steering_alpha, pca_ranks=tuple(pca_ranks),
+                         steering_latents=steering_latents, steering_alphas=tuple(steering_alphas), pca_ranks=tuple(pca_ranks),
                          pca_fit_tokens=pca_fit_tokens, ci_level=ci_level, bootstrap_resamples=bootstrap_resamples)
         if context_len is not None:
             DataConfig(source=source, context_len=context_len)

@@ -41,7 +41,8 @@ METRICS = ("loss_recovered_mean", "loss_recovered_zero", "delta_ce", "kl_div", "
 LEVELS = 50  # fidelity values the log L0 ratio is averaged over
 
 
-def _variant(row: dict) -> str:
+def variant_of(row: dict) -> str:
+    """The curve a row belongs to: its architecture, or the variant naming its non-default switches."""
     return row.get("variant") or row["architecture"]
 
 
@@ -57,7 +58,7 @@ def _curve_points(rows: list[dict], variant: str) -> dict[tuple, list[dict]]:
     """setting -> the rows (seeds) of that variant, ITO rows and rows without a finite L0 left out."""
     points: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
-        if _variant(r) == variant and r.get("ito_k") is None and is_finite_number(r.get("l0")) and r["l0"] > 0:
+        if variant_of(r) == variant and r.get("ito_k") is None and is_finite_number(r.get("l0")) and r["l0"] > 0:
             points[setting(r)].append(r)
     return dict(points)
 
@@ -168,7 +169,7 @@ def matched_l0_table(rows: list[dict], metrics: tuple[str, ...] = ("loss_recover
     sweep over gated then relu gives gated / relu), for each metric the rows carry."""
     variants = []
     for r in rows:
-        v = _variant(r)
+        v = variant_of(r)
         if r.get("ito_k") is None and v not in variants and len(_curve_points(rows, v)) >= 2:
             variants.append(v)
     present = [m for m in metrics if any(is_finite_number(r.get(m)) for r in rows)]

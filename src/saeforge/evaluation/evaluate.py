@@ -29,7 +29,8 @@ One row (dict) per SAE, then one per SAE and ITO target:
                                          median_log10_freq}
   decoder_max_cos                       {mean, median, edges, counts}                       (analyses; not for ITO)
   directional_derivative                {decoder, random, covariance_matched, tokens}      (analyses; not for ITO)
-  steering                              steering.steering_effects output, or {error}       (steering; not for ITO)
+  steering                              {alpha_unit (RMS centred norm), alpha_scales, + steering.steering_effects
+                                         output (latents, sweep per alpha)}, or {error}     (steering; not for ITO)
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ from saeforge.evaluation.metrics import (
 from saeforge.evaluation.pca import PrincipalSubspace
 from saeforge.evaluation.splice import (
     CleanDistribution,
+    SiteStats,
     ablated_context_losses,
     cache_entry,
     eval_set_digest,
@@ -280,7 +282,7 @@ def evaluate(lm, saes: Iterable[Union[str, Path, torch.nn.Module]], site: str, c
                 "tokens": along_decoder[j].tokens,
             }
         if cfg.steering and j < len(loaded):
-            row["steering"] = _steer(lm, sae, site, batches, firing[j], stats.mean_norm, cfg, keep_bos, gen, progress)
+            row["steering"] = _steer(lm, sae, site, batches, firing[j], stats, cfg, keep_bos, gen, progress)
         row["per_context"] = per_context
         results.append(row)
 
@@ -372,19 +374,22 @@ def _pca_jobs(lm, site: str, batches: list[Tensor], cfg: EvalConfig, keep_bos: b
     return jobs
 
 
-def _steer(lm, sae, site, batches, firing: FiringStats, mean_norm: float, cfg: EvalConfig, keep_bos: bool,
+def _steer(lm, sae, site, batches, firing: FiringStats, stats: SiteStats, cfg: EvalConfig, keep_bos: bool,
            gen, progress: bool) -> dict:
-    """Paper B §4.2 on a seeded sample of the latents alive on the evaluation set."""
+    """Paper B §4.2 on a seeded sample of the latents alive on the evaluation set, at each push size of
+    cfg.steering_alphas (multiples of the RMS centred norm at the site)."""
     alive = torch.nonzero(firing.frequencies() > 0).flatten()
     if alive.numel() == 0:
         return {"error": "no latent fired on the evaluation tokens"}
     pick = alive[torch.randperm(alive.numel(), generator=gen)[: cfg.steering_latents]].sort().values
     contexts = torch.cat(batches)[: cfg.steering_contexts]
-    alpha = cfg.steering_alpha if cfg.steering_alpha is not None else mean_norm
+    unit = float(stats.cov.diagonal().sum().clamp_min(0).sqrt())
     try:
-        return steering_effects(lm, sae.W_dec.detach(), site, contexts, pick.tolist(), alpha=alpha,
-                                top_tokens=cfg.steering_top_tokens, keep_bos=keep_bos, batch_size=cfg.batch_size,
-                                progress=progress)
+        out = steering_effects(lm, sae.W_dec.detach(), site, contexts, pick.tolist(),
+                               alphas=[scale * unit for scale in cfg.steering_alphas],
+                               top_tokens=cfg.steering_top_tokens, keep_bos=keep_bos, batch_size=cfg.batch_size,
+                               progress=progress)
+        return {"alpha_unit": unit, "alpha_scales": list(cfg.steering_alphas), **out}
     except ValueError as e:  # a site outside the residual stream has no unembedding to steer through
         return {"error": str(e)}
 

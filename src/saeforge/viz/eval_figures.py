@@ -4,10 +4,13 @@ Each function draws what the rows carry and returns the PNG path, or None when n
 
 from __future__ import annotations
 
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+
+from saeforge.evaluation.compare import setting, variant_of
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -107,21 +110,30 @@ def ito_figure(rows: list[dict], path: Path, title: str, pca_reference: list[dic
 
 
 def steering_figure(rows: list[dict], path: Path, title: str) -> Path | None:
-    """Mean on-target probability change and probability added to other tokens, per SAE."""
-    rows = [r for r in rows if isinstance(r.get("steering"), dict) and "mean_on_target" in r["steering"]]
-    if not rows:
+    """On-target probability change and probability added to all other tokens against the push size, one line per
+    variant and setting (the mean over its seeds and sampled latents)."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        if isinstance(r.get("steering"), dict) and "sweep" in r["steering"]:
+            groups[(variant_of(r), setting(r))].append(r["steering"])
+    if not groups:
         return None
-    x = np.arange(len(rows))
-    fig = Figure(figsize=(max(6, 1.5 * len(rows)), 4.5), layout="constrained")
-    ax = fig.subplots()
-    ax.bar(x - 0.2, [r["steering"]["mean_on_target"] for r in rows], 0.4, label="on-target (top-n tokens)")
-    ax.bar(x + 0.2, [r["steering"]["mean_off_target_added"] for r in rows], 0.4,
-           label="added to all other tokens")
-    ax.set_xticks(x, [r["name"] for r in rows], rotation=30, ha="right", fontsize=8)
-    alpha = rows[0]["steering"]["alpha"]
-    ax.set(ylabel="probability change per position", title=f"Steering with single latents, alpha={alpha:.3g} "
-           f"(paper B §4.2)\n{title}")
-    ax.legend(fontsize=8)
+    fig = Figure(figsize=(12, 4.5), layout="constrained")
+    on_ax, off_ax = fig.subplots(1, 2)
+    for (name, (key, value)), runs in sorted(groups.items(), key=lambda g: (g[0][0], str(g[0][1]))):
+        scales = runs[0]["alpha_scales"]
+        on = np.mean([[point["mean_on_target"] for point in run["sweep"]] for run in runs], axis=0)
+        off = np.mean([[point["mean_off_target_added"] for point in run["sweep"]] for run in runs], axis=0)
+        label = f"{name} {key}={value:g} (n={len(runs)})" if isinstance(value, (int, float)) else f"{name} {value}"
+        on_ax.plot(scales, on, "o-", label=label)
+        off_ax.plot(scales, off, "o-", label=label)
+    unit = next(iter(groups.values()))[0]["alpha_unit"]
+    for ax, what in ((on_ax, "on-target change (top-n tokens)"), (off_ax, "probability added to all other tokens")):
+        ax.set(xscale="log", xlabel=f"alpha / RMS centred norm ({unit:.3g})", ylabel=f"{what} per position")
+    on_ax.set_title("Steering with single latents (paper B §4.2): higher is stronger", fontsize=9)
+    off_ax.set_title("Specificity: lower is better", fontsize=9)
+    fig.suptitle(title, fontsize=9)
+    on_ax.legend(fontsize=7)
     return _save(fig, path)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
-from saeforge.evaluation.compare import setting
+from saeforge.evaluation.compare import setting, variant_of
 from saeforge.evaluation.metrics import finite_ci, is_finite_number
 from saeforge.viz.eval_figures import _save
 
@@ -21,7 +21,7 @@ def _by_architecture(rows: list[dict]) -> dict[str, list[dict]]:
     groups: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         if r.get("ito_k") is None:
-            groups[r.get("variant", r["architecture"])].append(r)  # ablation variants get their own line
+            groups[variant_of(r)].append(r)  # ablation variants get their own line
     return dict(groups)
 
 

@@ -222,6 +222,8 @@ CASES = [
      "has d_in = 32, but site"),
     ("eval", "unknown_site", lambda ws, d: _sae_with(ws, d, lambda s: None) + ["--site", "blocks.1.nope"],
      "unknown site 'blocks.1.nope'"),
+    ("eval", "block_out_of_range", lambda ws, d: _sae_with(ws, d, lambda s: None) + ["--site", "blocks.9.attn_out"],
+     "block 9 does not exist"),
     ("eval", "tokens_zero", lambda ws, d: _sae_with(ws, d, lambda s: None) + ["--tokens", "0"], "eval.tokens"),
     ("eval", "steering_alpha_nan",
      lambda ws, d: _sae_with(ws, d, lambda s: None) + ["--steering-alphas", "0.1", "nan"], "eval.steering_alphas"),
@@ -237,6 +239,8 @@ CASES = [
     ("harvest", "model_directory_without_config", lambda ws, d: _harvest(ws, d, model=str(d)), "no config.json"),
     ("harvest", "unknown_site", lambda ws, d: _harvest(ws, d) + ["--site", "blocks.1.resid_middle"],
      "unknown site 'blocks.1.resid_middle'"),
+    ("harvest", "block_out_of_range", lambda ws, d: _harvest(ws, d) + ["--site", "blocks.9.mlp_out"],
+     "block 9 does not exist"),
     ("harvest", "missing_source", lambda ws, d: _harvest(ws, d) + ["--source", str(d / "missing.txt")],
      "missing.txt"),
     ("harvest", "unsupported_source_type",
@@ -301,6 +305,11 @@ CASES = [
 ]
 
 
+# Found from the model's config.json, before its weights load (the command prints its precision once they have).
+BEFORE_THE_MODEL_LOADS = {("eval", "d_in_does_not_match_site"), ("eval", "block_out_of_range"),
+                          ("harvest", "block_out_of_range")}
+
+
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory):
     """Every case run once, two at a time (the commands are mostly interpreter start-up)."""
@@ -324,6 +333,8 @@ def test_bad_input_is_one_clear_message_and_exit_code_2(outcomes, row, name, exp
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert expected in proc.stderr, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    if (row, name) in BEFORE_THE_MODEL_LOADS:
+        assert "language model:" not in proc.stderr, proc.stderr[-3000:]
 
 
 def test_debug_flag_shows_the_traceback(tmp_path):

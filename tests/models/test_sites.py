@@ -143,3 +143,19 @@ def test_raw_path_outside_the_blocks(tiny_lm_factory):
     acts = lm.capture(tokens, ["lm_head"], attention_mask=mask)
     with torch.no_grad():
         torch.testing.assert_close(acts["lm_head"], lm.forward(tokens, attention_mask=mask))
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_site_widths_from_the_config_alone_match_the_loaded_model(family, tmp_path):
+    from saeforge.models import site_width_before_loading, tiny_lm
+    from saeforge.models.sites import SiteError
+
+    lm = tiny_lm(family, seed=0)
+    lm.model.config.save_pretrained(tmp_path)  # config.json only: no weights to load
+    for kind in SITE_KINDS:
+        site = f"blocks.{lm.n_layers - 1}.{kind}"
+        assert site_width_before_loading(tmp_path, site) == lm.site_dim(site), site
+    assert site_width_before_loading(tmp_path, lm.resolve("blocks.0.resid_post").module_path) is None
+    with pytest.raises(SiteError, match=f"block {lm.n_layers} does not exist"):
+        site_width_before_loading(tmp_path, f"blocks.{lm.n_layers}.mlp_out")
+    assert site_width_before_loading(tmp_path / "elsewhere", "blocks.0.resid_post") is None

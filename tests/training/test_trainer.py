@@ -80,6 +80,23 @@ def test_resampling_revives_dead_latents(tmp_path):
         assert schedule(14) == pytest.approx(1e-2)
 
 
+def test_a_non_finite_stored_gradient_names_the_step_and_the_gradient_saes(tmp_path):
+    class InfGradAtBatch(SyntheticStream):
+        def _make(self, index):
+            batch = super()._make(index)
+            if index == 3:
+                batch["grad"][0, 1] = float("inf")
+            return batch
+
+    cfg = config(tmp_path, [MIXED[0], MIXED[3]], checkpoint_every=2, resample=False)
+    with pytest.raises(TrainingError) as err:
+        Trainer(cfg, stream=InfGradAtBatch(D_IN, BATCH, grad=True, seed=7), progress=False).run()
+    message = str(err.value)
+    assert "step 4" in message and "0 NaN and 1 Inf" in message and "gradient" in message
+    assert "gradient_topk_w48_k3" in message and "relu_w48" not in message.split("SAE")[1]
+    assert "step_000000002" in message  # the last good checkpoint
+
+
 def test_nan_in_the_data_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path):
     class NaNAtBatch(SyntheticStream):
         def _make(self, index):

@@ -119,7 +119,7 @@ def harvest_command(
         device: Device to run the model on.
         model_dtype: Dtype to run the model in ("auto": bf16 where this hardware runs it fast, else float32).
     """
-    from saeforge.models import load_lm
+    from saeforge.models import load_lm, site_width_before_loading
 
     # Everything that can be checked without the model is checked before it loads.
     for flag, value, least in (("--tokens", tokens, 1), ("--shard-tokens", shard_tokens, 1),
@@ -128,6 +128,7 @@ def harvest_command(
             raise ConfigError(f"{flag}: must be at least {least}, got {value}")
     check_text_source(source, text_field)
     check_writable_dir(out, "--out")
+    site_width_before_loading(model, site)  # a block the model does not have, from its config.json
     lm = load_lm(model, device=device, dtype=model_dtype)
     print(f"language model: {lm.precision.describe()}", file=sys.stderr)
     manifest = harvest(

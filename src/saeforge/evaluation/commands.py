@@ -141,6 +141,13 @@ def write_json(path: Path, payload: dict) -> Path:
     return path
 
 
+def _check_widths(entries: list[tuple[Path, int]], site: str, model_name: str, d_site: int | None) -> None:
+    for d, d_in in entries:
+        if d_site is not None and d_in != d_site:
+            raise ConfigError(f"SAE {d} has d_in = {d_in}, but site {site!r} of {model_name} has width {d_site}: "
+                              "the SAE was trained on another site or model (pass --site/--model?)")
+
+
 def eval_command(
     sae_dirs: Positional[list[Path]],
     out: Path = Path("eval_out"),
@@ -194,7 +201,7 @@ def eval_command(
         seed: seed for sampled latents, random directions and bootstrap resamples.
         progress: show progress bars.
     """
-    from saeforge.models import load_lm
+    from saeforge.models import load_lm, site_width_before_loading
     from saeforge.saes import load_sae
     from saeforge.viz.eval_figures import eval_figures
 
@@ -222,16 +229,14 @@ def eval_command(
                               "pass --context-len")
         groups[(m, s, ctx)].append((d, sae.d_in))
     check_writable_dir(out, "--out")
+    for (model_name, site_name, _), entries in groups.items():  # from config.json, before any weights load
+        _check_widths(entries, site_name, model_name, site_width_before_loading(model_name, site_name))
 
     rows, pca, figures = [], [], []
     for gi, ((model_name, site_name, ctx), entries) in enumerate(groups.items()):
         lm = load_lm(model_name, device=device, dtype=dtype)
         print(f"language model: {lm.precision.describe()}", file=sys.stderr)
-        d_site = lm.site_dim(site_name)
-        for d, d_in in entries:
-            if d_in != d_site:
-                raise ConfigError(f"SAE {d} has d_in = {d_in}, but site {site_name!r} of {lm.name} has width "
-                                  f"{d_site}: the SAE was trained on another site or model (pass --site/--model?)")
+        _check_widths(entries, site_name, lm.name, lm.site_dim(site_name))
         dirs = [d for d, _ in entries]
         precision = lm.precision.record()
         data_cfg = DataConfig(source=source, context_len=ctx)

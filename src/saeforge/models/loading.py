@@ -71,6 +71,28 @@ def load_lm(spec, *, device="cpu", dtype=None, tokenizer=None, name: str | None 
     return lm
 
 
+def site_width_before_loading(spec, site: str) -> int | None:
+    """The width of `site` on the model `spec` from its config.json alone, so commands can refuse a mismatch before
+    loading weights; None when that cannot be known cheaply (a hub id, a .gguf not yet converted, a raw module
+    path). Raises SiteError for a block the model does not have."""
+    from transformers import AutoConfig
+
+    from .sites import site_width_from_config
+
+    spec_str = str(spec)
+    if spec_str in ("embedded", EMBEDDED_NAME):
+        directory = cache_root() / "models" / EMBEDDED_NAME
+    else:
+        directory = Path(spec_str).expanduser()
+    if not (directory / "config.json").is_file():
+        return None
+    try:
+        config = AutoConfig.from_pretrained(directory)
+    except (OSError, ValueError):  # an unreadable config is reported by the full load, with its own message
+        return None
+    return site_width_from_config(config, site)
+
+
 def _load_path(spec, device, dtype: torch.dtype, tokenizer, name: str | None) -> LanguageModel:
     spec_str = str(spec)
     if spec_str in ("embedded", EMBEDDED_NAME):  # the name recorded in manifests loads it back

@@ -100,6 +100,30 @@ def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     )
 
 
+def site_width_from_config(config, site: str) -> int | None:
+    """The width of a canonical site read from a transformers config alone (no weights), or None when only the
+    loaded model can tell (a raw module path, an unfamiliar config). A block past the model's last is a SiteError."""
+    m = _CANONICAL.match(site)
+    if m is None:
+        return None
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n_layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    layer, kind = int(m.group(1)), m.group(2)
+    if isinstance(n_layers, int) and layer >= n_layers:
+        raise SiteError(f"site {site!r}: block {layer} does not exist; the model has blocks 0..{n_layers - 1}")
+    d_model = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+    if kind in ("resid_pre", "resid_post", "attn_out", "mlp_out"):
+        return d_model
+    if kind == "attn_z":
+        heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
+        head_dim = getattr(config, "head_dim", None) or (d_model // heads if d_model and heads else None)
+        return heads * head_dim if heads and head_dim else None
+    d_mlp = getattr(config, "intermediate_size", None)
+    if d_mlp is None and getattr(config, "model_type", None) == "gpt2":
+        d_mlp = getattr(config, "n_inner", None) or 4 * d_model
+    return d_mlp
+
+
 class SiteResolver:
     """Maps site names to hook points for one model."""
 

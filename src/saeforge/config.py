@@ -183,7 +183,7 @@ DEFAULT_TARGET_L0 = 40.0
 class SAESpec:
     """One SAE to train on the shared activation stream."""
 
-    architecture: Literal["relu", "gated", "topk", "gradient_topk", "jumprelu"] = "gated"
+    architecture: str = "gated"  # any trainable registered architecture (saeforge.saes.REGISTRY)
     name: Optional[str] = None  # directory name under the run; defaults to architecture + coefficient or k
     d_sae: Optional[int] = None
     expansion: Optional[float] = 8.0  # d_sae = expansion * d_in when d_sae is not given
@@ -199,6 +199,13 @@ class SAESpec:
     options: dict = field(default_factory=dict)  # architecture switches, e.g. {tied = false} or {beta = 1e5}
 
     def __post_init__(self):
+        from saeforge.saes import architecture_class
+
+        try:
+            cls = architecture_class(self.architecture)
+        except ValueError as e:
+            raise ConfigError(f"sae.architecture: {e}") from None
+        takes_k = cls.sparsity == "k"
         if self.d_sae is not None and self.d_sae < 1:
             raise ConfigError(f"sae.d_sae: must be positive, got {self.d_sae}")
         if self.d_sae is None and not (self.expansion is not None and math.isfinite(self.expansion)
@@ -210,15 +217,17 @@ class SAESpec:
         if self.target_l0 is not None:
             if not (math.isfinite(self.target_l0) and self.target_l0 > 0):
                 raise ConfigError(f"sae.target_l0: must be a finite positive number, got {self.target_l0}")
-            if self.architecture in ("topk", "gradient_topk"):
+            if takes_k:
                 raise ConfigError(f"sae.target_l0: {self.architecture!r} takes k (its L0 already), not target_l0")
         if self.target_l0 is not None and self.sparsity_coeff == 0:
             raise ConfigError("sae.sparsity_coeff: an L0 target needs a positive starting lambda, got 0")
-        if self.architecture not in ("topk", "gradient_topk") and self.sparsity_coeff is None \
-                and self.target_l0 is None:
+        if cls.sparsity == "coefficient" and self.sparsity_coeff is None and self.target_l0 is None:
             self.target_l0 = DEFAULT_TARGET_L0
-        if self.architecture in ("topk", "gradient_topk") and self.k is None:
+        if takes_k and self.k is None:
             raise ConfigError(f"sae.k: required for architecture {self.architecture!r}")
+        if self.k is not None and not takes_k:
+            raise ConfigError(f"sae.k: {self.architecture!r} does not take k (its sparsity is set by "
+                              f"{'target_l0 or sparsity_coeff' if cls.sparsity == 'coefficient' else 'nothing'})")
         if self.k is not None and self.k < 1:
             raise ConfigError(f"sae.k: must be positive, got {self.k}")
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):

@@ -31,8 +31,9 @@ def write(tmp_path: Path, text: str) -> Path:
     ("[train]\nlr_decay = \"exp\"\n", ["train.lr_decay", "'exp'"]),
     ("[train]\ncheckpoint_every = 0\n", ["train.checkpoint_every", "positive"]),
     ("[[sae]]\narchitecture = \"topk\"\n", ["sae.k", "required"]),
-    ("[[sae]]\narchitecture = \"sparse\"\n", ["sae[0].architecture", "'sparse'"]),
+    ("[[sae]]\narchitecture = \"sparse\"\n", ["sae[0]", "sae.architecture", "'sparse'", "'topk'"]),
     ("[[sae]]\narchitecture = \"gated\"\nsparsity = 1.0\n", ["sae[0]", "'sparsity'"]),
+    ("[[sae]]\narchitecture = \"relu\"\nk = 4\n", ["sae[0]", "sae.k", "'relu' does not take k"]),
 ])
 def test_bad_fields_are_named(tmp_path, text, names):
     with pytest.raises(ConfigError) as err:
@@ -43,7 +44,6 @@ def test_bad_fields_are_named(tmp_path, text, names):
 
 @pytest.mark.parametrize("sae, message", [
     ('architecture = "jumprelu"', "not trained directly"),
-    ('architecture = "relu"\nk = 4', "only topk and gradient_topk take k"),
     ('architecture = "topk"\nk = 4\noptions = { kk = 1 }', "'kk'"),
 ])
 def test_trainer_refuses_specs_it_cannot_train(tmp_path, sae, message):

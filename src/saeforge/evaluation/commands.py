@@ -25,6 +25,7 @@ from saeforge.evaluation.compare import matched_l0_table
 from saeforge.evaluation.evaluate import evaluate, sae_max_input_norm
 from saeforge.evaluation.metrics import finite_ci, is_finite_number
 from saeforge.files import check_writable_dir
+from saeforge.saes import REGISTRY
 
 # Loss-based metrics, in the order they lead the table and the CSV; each has a bootstrap CI (`<key>_ci`).
 LOSS_COLUMNS = ["delta_ce", "kl_div", "loss_recovered_mean", "loss_recovered_zero", "l_added"]
@@ -262,9 +263,6 @@ def eval_command(
 
 # ------------------------------------------------------------------------------------------------------ sweep
 
-SWEEPABLE = {"relu": "sparsity", "gated": "sparsity", "topk": "k", "gradient_topk": "k"}
-
-
 def expand_grid(cfg: RunConfig) -> RunConfig:
     """Replace cfg.sae by the grid of cfg.eval.grid_* when grid_architectures is set (see EvalConfig)."""
     e = cfg.eval
@@ -273,11 +271,13 @@ def expand_grid(cfg: RunConfig) -> RunConfig:
     template = cfg.sae[0]
     specs = []
     for arch in e.grid_architectures:
-        if arch not in SWEEPABLE:
-            raise ConfigError(f"eval.grid_architectures: {arch!r} cannot be swept; use one of {list(SWEEPABLE)}")
+        cls = REGISTRY.get(arch)
+        if cls is None or not cls.trainable:
+            sweepable = sorted(name for name, c in REGISTRY.items() if c.trainable)
+            raise ConfigError(f"eval.grid_architectures: {arch!r} cannot be swept; use one of {sweepable}")
         # Settings: relu/gated an L0 target each (grid_target_l0) or a lambda each (grid_sparsity_coeffs); topk
         # families a k each (grid_k, else the L0 targets rounded: k is their L0).
-        if SWEEPABLE[arch] == "sparsity":
+        if cls.sparsity == "coefficient":
             if e.grid_target_l0 and e.grid_sparsity_coeffs:
                 raise ConfigError("eval.grid_target_l0: give L0 targets or eval.grid_sparsity_coeffs, not both")
             settings = ([{"target_l0": t, "sparsity_coeff": None, "k": None} for t in e.grid_target_l0]
@@ -286,7 +286,7 @@ def expand_grid(cfg: RunConfig) -> RunConfig:
             ks = e.grid_k or tuple(max(1, round(t)) for t in e.grid_target_l0)
             settings = [{"k": k, "sparsity_coeff": None, "target_l0": None} for k in ks]
         if not settings:
-            field_name = "grid_target_l0 (or grid_sparsity_coeffs)" if SWEEPABLE[arch] == "sparsity" else \
+            field_name = "grid_target_l0 (or grid_sparsity_coeffs)" if cls.sparsity == "coefficient" else \
                 "grid_k (or grid_target_l0)"
             raise ConfigError(f"eval.{field_name}: needed to sweep {arch!r} (eval.grid_architectures)")
         # Architecture options (e.g. beta, tied) belong to the template's own architecture only.

@@ -12,7 +12,7 @@ import inspect
 import json
 import os
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from safetensors import SafetensorError
@@ -169,11 +169,16 @@ def squared_error(x: Tensor, x_hat: Tensor) -> Tensor:
 
 
 class SAE(nn.Module):
+    # What the rest of the library asks about an architecture, declared here and read from the class (through
+    # `architecture_class`): no code outside saes/ names an architecture.
     architecture: ClassVar[str] = ""
-    saelens_architecture: ClassVar[str] = "standard"
-    needs_grad: ClassVar[bool] = False
-    uses_sparsity_coeff: ClassVar[bool] = False
-    supports_resampling: ClassVar[bool] = False
+    saelens_architecture: ClassVar[str] = "standard"  # how the export labels it
+    trainable: ClassVar[bool] = True  # False: inference only, made as `made_by` says
+    made_by: ClassVar[str] = ""
+    sparsity: ClassVar[Literal["coefficient", "k", "none"]] = "coefficient"  # lambda (or an L0 target), or k
+    dead_latents: ClassVar[Literal["resample", "aux_k", "none"]] = "none"  # how training revives dead latents
+    adam_betas: ClassVar[tuple[float, float]] = (0.0, 0.999)  # default Adam betas (paper A: beta1 = 0)
+    needs_grad: ClassVar[bool] = False  # its encoder reads the LM-loss gradient at the site
     # Names of constructor options saved in cfg.json and passed back by load_sae.
     option_names: ClassVar[tuple[str, ...]] = ()
 
@@ -190,6 +195,21 @@ class SAE(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(d_in, dtype=dtype, device=device))
         # Free-form metadata written to cfg.json (model_name, hook_name, activation_scale, context_size, ...).
         self.cfg: dict[str, Any] = {}
+
+    @property
+    def uses_sparsity_coeff(self) -> bool:
+        """Whether this SAE's loss takes a lambda (an instance may switch it off, e.g. a gate held fixed)."""
+        return self.sparsity == "coefficient"
+
+    @property
+    def supports_resampling(self) -> bool:
+        return self.dead_latents == "resample"
+
+    @classmethod
+    def for_training(cls, d_in: int, d_sae: int, options: dict, activation_scale: float) -> "SAE":
+        """The SAE a run trains (on activation_scale * x) from a spec's options; an architecture may read options
+        of its own here (e.g. gated's rescale_shift_from, a saved SAE to start from)."""
+        return cls(d_in=d_in, d_sae=d_sae, **options)
 
     # ---------------------------------------------------------------- the interface each architecture fills in
     def encode(self, x: Tensor, grad: Tensor | None = None) -> Tensor:
@@ -390,11 +410,16 @@ def _atomic(path: Path, write) -> None:
             tmp.unlink()
 
 
-def create_sae(name: str, d_in: int, d_sae: int, **options) -> SAE:
-    """Make an SAE by architecture name: relu, gated, topk, gradient_topk, jumprelu."""
+def architecture_class(name: str) -> type[SAE]:
+    """The registered class of an architecture name; ValueError naming the valid ones otherwise."""
     if name not in REGISTRY:
         raise ValueError(f"unknown SAE architecture {name!r}; valid architectures are {sorted(REGISTRY)}")
-    return REGISTRY[name](d_in=d_in, d_sae=d_sae, **options)
+    return REGISTRY[name]
+
+
+def create_sae(name: str, d_in: int, d_sae: int, **options) -> SAE:
+    """Make an SAE by architecture name (any registered one: `sorted(REGISTRY)`)."""
+    return architecture_class(name)(d_in=d_in, d_sae=d_sae, **options)
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}

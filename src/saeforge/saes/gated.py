@@ -24,8 +24,7 @@ from saeforge.saes.base import (SAE, SAELoss, add_grad, count_fired, decoder_gra
 @register("gated")
 class GatedSAE(SAE):
     saelens_architecture = "gated"
-    uses_sparsity_coeff = True
-    supports_resampling = True
+    dead_latents = "resample"
     option_names = ("tied", "use_r_mag", "freeze_aux_decoder", "sparsity_penalty", "magnitude_only")
 
     def __init__(self, d_in: int, d_sae: int, *, tied: bool = True, use_r_mag: bool = True,
@@ -68,6 +67,32 @@ class GatedSAE(SAE):
             sae.b_dec.copy_(relu.b_dec)
         sae.cfg = dict(relu.cfg)
         return sae
+
+    @classmethod
+    def for_training(cls, d_in: int, d_sae: int, options: dict, activation_scale: float) -> "GatedSAE":
+        """options.rescale_shift_from = a saved ReLU SAE: paper A's "baseline + rescale & shift" (from_relu)."""
+        options = dict(options)
+        baseline = options.pop("rescale_shift_from", None)
+        if baseline is None:
+            return cls(d_in=d_in, d_sae=d_sae, **options)
+        if options:
+            raise ValueError(f"options.rescale_shift_from takes no other options, got {sorted(options)}")
+        from saeforge.saes.base import load_sae
+
+        sae = cls.from_relu(load_sae(baseline))
+        if sae.d_in != d_in:
+            raise ValueError(f"{baseline} has d_in={sae.d_in}, the site has d={d_in}")
+        sae.fold_activation_scale(1.0 / activation_scale)  # the saved baseline acts on raw x; training sees c*x
+        sae.cfg = {}
+        return sae
+
+    @property
+    def uses_sparsity_coeff(self) -> bool:
+        return not self.magnitude_only  # rescale & shift keeps the baseline's gate: no lambda, nothing to steer
+
+    @property
+    def supports_resampling(self) -> bool:
+        return not self.magnitude_only  # its gate and decoder are frozen
 
     @property
     def constrain_decoder_norm(self) -> bool:

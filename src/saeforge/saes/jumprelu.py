@@ -15,6 +15,9 @@ from saeforge.saes.base import SAE, SAELoss, encoder_pre_acts, register, squared
 @register("jumprelu")
 class JumpReLUSAE(SAE):
     saelens_architecture = "jumprelu"
+    trainable = False
+    made_by = "train a gated SAE and convert it with JumpReLUSAE.from_gated"
+    sparsity = "none"
 
     def __init__(self, d_in: int, d_sae: int, *, dtype: torch.dtype = torch.float32, device=None):
         super().__init__(d_in, d_sae, dtype=dtype, device=device)

@@ -17,8 +17,7 @@ SparsityPenalty = Literal["l1", "l1_decoder_norm"]
 @register("relu")
 class ReluSAE(SAE):
     saelens_architecture = "standard"
-    uses_sparsity_coeff = True
-    supports_resampling = True
+    dead_latents = "resample"
     option_names = ("sparsity_penalty",)
 
     def __init__(self, d_in: int, d_sae: int, *, sparsity_penalty: SparsityPenalty = "l1",

@@ -56,6 +56,9 @@ class ActiveLatents:
 @register("topk")
 class TopKSAE(SAE):
     saelens_architecture = "topk"
+    sparsity = "k"
+    dead_latents = "aux_k"
+    adam_betas = (0.9, 0.999)  # Gao et al.'s defaults
     option_names = ("k", "k_aux", "aux_coeff")
 
     def __init__(self, d_in: int, d_sae: int, *, k: int = 32, k_aux: int | None = None, aux_coeff: float = 1 / 32,

@@ -15,8 +15,6 @@ from saeforge.training.optim import ConstrainedAdam
 from saeforge.training.resample import FiringTracker, resample_dead_latents
 from saeforge.training.schedules import CoeffSchedule, LRSchedule, StepPlan
 
-# Adam betas when neither [train] nor [[sae]] sets them: paper A for relu/gated, Gao et al. for topk/g-SAE.
-DEFAULT_BETAS = {"relu": (0.0, 0.999), "gated": (0.0, 0.999), "topk": (0.9, 0.999), "gradient_topk": (0.9, 0.999)}
 METRICS = ("loss", "recon", "sparsity", "aux", "l0")
 
 
@@ -41,7 +39,7 @@ class SAERun:
         self.device = sae.W_dec.device
         self.compute_dtype = None if compute_dtype == torch.float32 else compute_dtype  # None: the parameters' dtype
         self.resample = resample and sae.supports_resampling
-        self.uses_aux_k = sae.architecture in ("topk", "gradient_topk")
+        self.uses_aux_k = sae.dead_latents == "aux_k"
         constrain = getattr(sae, "constrain_decoder_norm", True)
         params = [p for p in sae.parameters() if p.requires_grad]
         self.optimizer = ConstrainedAdam(

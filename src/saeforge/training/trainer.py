@@ -34,15 +34,14 @@ from saeforge.data.sources import check_text_source
 from saeforge.errors import UserError
 from saeforge.files import check_writable_dir
 from saeforge.models.precision import choose_precision
-from saeforge.saes import GatedSAE, create_sae, load_sae
+from saeforge.saes import REGISTRY, architecture_class
 from saeforge.training.checkpoint import latest_checkpoint, load_newest_good_checkpoint, save_checkpoint
 from saeforge.training.memory import keep_freed_memory
 from saeforge.training.monitor import Monitor, summary_table
 from saeforge.training.resample import per_token_loss
-from saeforge.training.sae_run import DEFAULT_BETAS, SAERun
+from saeforge.training.sae_run import SAERun
 from saeforge.training.schedules import StepPlan
 
-TRAINABLE = ("relu", "gated", "topk", "gradient_topk")
 CHECKPOINT_FORMAT = 1
 
 
@@ -65,7 +64,7 @@ def sae_name(spec: SAESpec, d_sae: int) -> str:
     """The directory name of an SAE: the spec's name, else architecture, width and L0 target, lambda or k."""
     if spec.name:
         return spec.name
-    if spec.architecture in ("topk", "gradient_topk"):
+    if spec.k is not None:
         return f"{spec.architecture}_w{d_sae}_k{spec.k}"
     if spec.target_l0 is not None:
         return f"{spec.architecture}_w{d_sae}_t{spec.target_l0:g}"
@@ -124,19 +123,18 @@ class Trainer:
         self.compute_precision = choose_precision(cfg.train.compute_dtype, self.device)
         self.rank, self.world_size = 0, 1
         for index, spec in enumerate(cfg.sae):
-            if spec.architecture not in TRAINABLE:
+            cls = architecture_class(spec.architecture)
+            if not cls.trainable:
+                trainable = sorted(name for name, c in REGISTRY.items() if c.trainable)
                 raise ConfigError(f"sae[{index}].architecture: {spec.architecture!r} is not trained directly "
-                                  f"(trainable: {list(TRAINABLE)}); train a gated SAE and convert it with "
-                                  "JumpReLUSAE.from_gated")
-            if spec.k is not None and spec.architecture not in ("topk", "gradient_topk"):
-                raise ConfigError(f"sae[{index}].k: only topk and gradient_topk take k, not {spec.architecture!r}")
+                                  f"(trainable: {trainable}); {cls.made_by}")
         if not cfg.sae:
             raise ConfigError("sae: the run lists no SAEs ([[sae]] tables)")
         self.total_steps = cfg.train.tokens // cfg.train.batch_size
         if self.total_steps < 1:
             raise ConfigError(f"train.tokens: {cfg.train.tokens} is less than one batch ({cfg.train.batch_size})")
         self.plan = StepPlan.of(cfg.train, self.total_steps)
-        self.needs_grad = any(spec.architecture == "gradient_topk" for spec in cfg.sae)
+        self.needs_grad = any(architecture_class(spec.architecture).needs_grad for spec in cfg.sae)
         self.stream = stream
         self.runs: dict[str, SAERun] = {}
         self.resamples: list[dict] = []
@@ -178,30 +176,18 @@ class Trainer:
             options = dict(spec.options)
             if spec.k is not None:
                 options["k"] = spec.k
-            # Paper A's "baseline + rescale & shift": a trained ReLU SAE, frozen, with only r_mag and b_mag learning.
-            rescale_shift_from = options.pop("rescale_shift_from", None)
             torch.manual_seed(_seed_for(train.seed, name))  # the SAE's initialisation
             try:
-                if rescale_shift_from is not None:
-                    if spec.architecture != "gated" or options:
-                        raise ValueError("options.rescale_shift_from needs architecture = 'gated' and no other options")
-                    sae = GatedSAE.from_relu(load_sae(rescale_shift_from))
-                    if sae.d_in != d_in:
-                        raise ValueError(f"{rescale_shift_from} has d_in={sae.d_in}, the site has d={d_in}")
-                    sae.fold_activation_scale(1.0 / self.scale)  # the saved baseline acts on raw x; we train on c*x
-                    sae.cfg = {}
-                else:
-                    sae = create_sae(spec.architecture, d_in=d_in, d_sae=d_sae, **options)
+                sae = architecture_class(spec.architecture).for_training(d_in, d_sae, options, self.scale)
             except (TypeError, ValueError, FileNotFoundError) as e:
                 raise ConfigError(f"sae[{index}] ({name!r}): {e}") from e
             sae.to(self.device)
-            betas = spec.adam_betas or train.adam_betas or DEFAULT_BETAS[spec.architecture]
-            steered = sae.uses_sparsity_coeff and rescale_shift_from is None  # rescale & shift has no gate to steer
+            betas = spec.adam_betas or train.adam_betas or sae.adam_betas
             self.runs[name] = SAERun(
                 name, sae, train, total_steps=self.total_steps, plan=self.plan, lr=spec.lr or train.lr,
                 betas=tuple(betas), sparsity_coeff=spec.sparsity_coeff if sae.uses_sparsity_coeff else None,
-                target_l0=spec.target_l0 if steered else None,
-                resample=(train.resample if spec.resample is None else spec.resample) and rescale_shift_from is None,
+                target_l0=spec.target_l0 if sae.uses_sparsity_coeff else None,
+                resample=train.resample if spec.resample is None else spec.resample,
                 seed=_seed_for(train.seed + 1, name), compute_dtype=self.compute_precision.dtype,
             )
 
@@ -307,8 +293,8 @@ class Trainer:
         grad = None
         if self.needs_grad:
             if "grad" not in batch:
-                raise TrainingError("a gradient_topk SAE needs LM-loss gradients, but the stream yields no 'grad' "
-                                    "(open it with grad=True, or harvest the cache with gradients)")
+                raise TrainingError("an SAE whose encoder reads LM-loss gradients needs them, but the stream yields "
+                                    "no 'grad' (open it with grad=True, or harvest the cache with gradients)")
             # d L / d(c x) = (d L / d x) / c
             grad = batch["grad"].to(self.device, torch.float32, non_blocking=True) / self.scale
             if not torch.isfinite(grad.sum()) and not torch.isfinite(grad).all():
@@ -316,7 +302,7 @@ class Trainer:
                 users = [name for name, run in self.runs.items() if run.sae.needs_grad]
                 raise TrainingError(
                     f"step {self.step + 1}: the stored LM-loss gradient batch holds {n_nan} NaN and {n_inf} Inf "
-                    f"values, which SAE {users[0]!r} (and every gradient_topk SAE: {users}) selects latents with; "
+                    f"values, which SAE {users[0]!r} (and every SAE that reads gradients: {users}) selects latents with; "
                     f"{self._last_good()}")
         return x, grad
 
@@ -393,7 +379,7 @@ class Trainer:
     @torch.no_grad()
     def _heldout_mse(self) -> dict[str, dict[str, float]]:
         """Each SAE's MSE (||x - x_hat||^2 on scaled activations, the units of `recon`) on the fixed samples.
-        gradient_topk SAEs are skipped: their encoder needs LM gradients, which the samples do not hold."""
+        SAEs whose encoder reads LM gradients are skipped: the samples do not hold them."""
         out = {}
         for name, run in self.runs.items():
             if not run.sae.needs_grad:
@@ -468,7 +454,7 @@ class Trainer:
             return f"k={run.sae.k}"
         if run.l0_controller is not None:
             return f"{run.sparsity_coeff:.4g} (target L0 {run.l0_controller.target_l0:g})"
-        return f"{run.sparsity_coeff:g}"
+        return "-" if run.sparsity_coeff is None else f"{run.sparsity_coeff:g}"
 
     @torch.no_grad()
     def _init_b_dec(self, x: torch.Tensor) -> None:

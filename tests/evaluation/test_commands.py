@@ -81,43 +81,9 @@ def test_eval_cli_refuses_a_directory_without_an_sae(tmp_path):
     assert proc.returncode == 2 and "no SAE directories" in proc.stderr
 
 
-def _sweep_config(tmp_path: Path, model_dir: Path, corpus: Path) -> Path:
-    path = tmp_path / "sweep.toml"
-    path.write_text(f"""
-[model]
-name = "{model_dir}"
-site = "{SITE}"
-
-[data]
-source = "{corpus}"
-context_len = 32
-buffer_tokens = 1024
-lm_batch_size = 8
-
-[train]
-tokens = 2048
-batch_size = 128
-lr_warmup_steps = 2
-out_dir = "{tmp_path / 'run'}"
-tensorboard = false
-log_every = 4
-
-[eval]
-tokens = 256
-batch_size = 4
-analysis_batches = 1
-grid_architectures = ["relu", "gated", "topk", "gradient_topk"]
-grid_sparsity_coeffs = [1e-3, 1e-1]
-grid_k = [4, 16]
-
-[[sae]]
-expansion = 2.0
-""")
-    return path
-
-
-def test_sweep_trains_the_grid_and_writes_csv_and_figures(tmp_path, tiny_model_dir, corpus_txt):
-    config = _sweep_config(tmp_path, tiny_model_dir, corpus_txt)
+def test_sweep_trains_the_grid_and_writes_csv_and_figures(tmp_path, sweep_config):
+    config = sweep_config('grid_architectures = ["relu", "gated", "topk", "gradient_topk"]\n'
+                          'grid_sparsity_coeffs = [1e-3, 1e-1]\ngrid_k = [4, 16]')
     out = tmp_path / "sweep_out"
     sweep_command(config, out=out, progress=False)
     with open(out / "sweep.csv") as fh:

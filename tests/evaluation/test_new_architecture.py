@@ -14,8 +14,6 @@ from saeforge.evaluation.commands import sweep_command
 from saeforge.saes import REGISTRY, SAE, SAELoss, load_sae
 from saeforge.saes.base import encoder_pre_acts, register, squared_error
 
-SITE = "blocks.1.resid_post"
-
 
 class ReluTopK(SAE):
     """Test-only: the k largest of ReLU(W_enc (x - b_dec) + b_enc), trained on reconstruction alone (autograd)."""
@@ -58,38 +56,9 @@ def relu_topk():
     REGISTRY.pop("relu_topk_test")
 
 
-def test_an_architecture_declared_in_one_place_runs_end_to_end(tmp_path, tiny_model_dir, corpus_txt, relu_topk):
-    config = tmp_path / "sweep.toml"
-    config.write_text(f"""
-[model]
-name = "{tiny_model_dir}"
-site = "{SITE}"
-
-[data]
-source = "{corpus_txt}"
-context_len = 32
-buffer_tokens = 1024
-lm_batch_size = 8
-
-[train]
-tokens = 2048
-batch_size = 128
-lr_warmup_steps = 2
-out_dir = "{tmp_path / 'run'}"
-tensorboard = false
-
-[eval]
-tokens = 256
-batch_size = 4
-analysis_batches = 1
-pca_ranks = [4]
-grid_architectures = ["{relu_topk}", "relu"]
-grid_k = [2, 6]
-grid_sparsity_coeffs = [1e-2]
-
-[[sae]]
-expansion = 2.0
-""")
+def test_an_architecture_declared_in_one_place_runs_end_to_end(tmp_path, sweep_config, relu_topk):
+    config = sweep_config(f'pca_ranks = [4]\ngrid_architectures = ["{relu_topk}", "relu"]\ngrid_k = [2, 6]\n'
+                          'grid_sparsity_coeffs = [1e-2]')
     out = tmp_path / "out"
     sweep_command(config, out=out, progress=False)
     with open(out / "sweep.csv") as fh:

@@ -2,26 +2,40 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from pathlib import Path
-from typing import Union
+from typing import Iterator, Union
 
 from saeforge.errors import UserError
 
 _READ_BLOCK = 1 << 22
 
 
-def write_atomic(path: Union[str, Path], data: bytes) -> None:
-    """Write `data` under a temporary name, flush it to disk and rename it into place: a kill never leaves a
-    half-written `path`."""
+@contextlib.contextmanager
+def atomic_target(path: Union[str, Path]) -> Iterator[Path]:
+    """A temporary path beside `path` for a writer to fill (e.g. safetensors' save_file); when the block succeeds
+    the file is flushed to disk and renamed into place, when it fails it is removed: neither a kill nor an error
+    ever leaves a half-written `path`, and the previous `path` survives a failed write."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_atomic(path: Union[str, Path], data: Union[bytes, str]) -> None:
+    """Write bytes or text to `path` through `atomic_target`."""
+    with atomic_target(path) as tmp:
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data)
 
 
 def file_sha256(path: Union[str, Path]) -> str:

@@ -24,7 +24,7 @@ from saeforge.config import ConfigError, DataConfig, EvalConfig, RunConfig, load
 from saeforge.evaluation.compare import matched_l0_table
 from saeforge.evaluation.evaluate import evaluate, sae_max_input_norm
 from saeforge.evaluation.metrics import finite_ci, is_finite_number
-from saeforge.files import check_writable_dir
+from saeforge.files import check_writable_dir, write_atomic
 from saeforge.saes import REGISTRY
 
 # Loss-based metrics, in the order they lead the table and the CSV; each has a bootstrap CI (`<key>_ci`).
@@ -134,11 +134,9 @@ def finite_or_null(value):
 
 
 def write_json(path: Path, payload: dict) -> Path:
-    """Strict JSON (NaN as null), written under a temporary name and renamed."""
+    """Strict JSON (NaN as null), written atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(finite_or_null(payload), indent=1, allow_nan=False))
-    tmp.replace(path)
+    write_atomic(path, json.dumps(finite_or_null(payload), indent=1, allow_nan=False))
     return path
 
 

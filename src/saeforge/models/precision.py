@@ -20,6 +20,8 @@ from typing import Callable, Optional, Union
 
 import torch
 
+from saeforge.files import write_atomic
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # bf16 must beat fp32 by this factor to be chosen: the LM's elementwise work and the casts around the products do
 # not speed up, so a bf16 product that is merely as fast as fp32 makes the whole job slower.
@@ -103,9 +105,7 @@ def cpu_bf16_speedup(probe: Optional[Probe] = None) -> tuple[float, bool]:
     cached[key] = speedup
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(cached, indent=1))
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(cached, indent=1))
     except OSError:
         pass  # a read-only cache only costs the probe again next time
     return speedup, False

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from saeforge.errors import UserError
+from saeforge.files import atomic_target, write_atomic
 
 WEIGHTS_FILE = "sae_weights.safetensors"
 CFG_FILE = "cfg.json"
@@ -384,7 +385,8 @@ class SAE(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        _atomic(directory / WEIGHTS_FILE, lambda p: save_file(tensors, str(p)))
+        with atomic_target(directory / WEIGHTS_FILE) as tmp:
+            save_file(tensors, str(tmp))
         if sparsity is not None:
             counts = sparsity.detach().float().cpu().contiguous()
             if counts.shape != (self.d_sae,):
@@ -394,20 +396,13 @@ class SAE(nn.Module):
                 # SAELens reads `sparsity` as log10 firing frequency.
                 extra["sparsity"] = torch.log10(counts / n_tokens + 1e-10)
                 extra["n_tokens"] = torch.tensor([float(n_tokens)])
-            _atomic(directory / SPARSITY_FILE, lambda p: save_file(extra, str(p)))
+            with atomic_target(directory / SPARSITY_FILE) as tmp:
+                save_file(extra, str(tmp))
         text = json.dumps(self.cfg_dict(), indent=2)
-        _atomic(directory / CFG_FILE, lambda p: p.write_text(text))
+        write_atomic(directory / CFG_FILE, text)
         return directory
 
 
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def architecture_class(name: str) -> type[SAE]:

@@ -22,9 +22,7 @@ import torch
 from torch import Tensor
 
 from saeforge.data import training_mask
-
-# Vocabulary-sized float32 copies are made this many positions at a time, to bound memory on large vocabularies.
-CHUNK_POSITIONS = 256
+from saeforge.models.lm import position_chunks
 
 
 def splice_mask(lm, tokens: Tensor, keep_bos: bool = False) -> Tensor:
@@ -66,21 +64,6 @@ def replace_at(mask: Tensor, fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor
     return edit
 
 
-def next_token_ce(logits: Tensor, tokens: Tensor) -> Tensor:
-    """Per-position next-token cross-entropy [B, S-1] in float32 (computed in chunks of positions)."""
-    logits = logits[:, :-1]
-    targets = tokens[:, 1:]
-    flat_logits = logits.reshape(-1, logits.shape[-1])
-    flat_targets = targets.reshape(-1)
-    out = torch.empty(flat_targets.shape, dtype=torch.float32, device=logits.device)
-    for i in range(0, flat_targets.numel(), CHUNK_POSITIONS):
-        chunk = flat_logits[i : i + CHUNK_POSITIONS].float()
-        out[i : i + CHUNK_POSITIONS] = torch.nn.functional.cross_entropy(
-            chunk, flat_targets[i : i + CHUNK_POSITIONS], reduction="none"
-        )
-    return out.view(targets.shape)
-
-
 class CleanDistribution:
     """The clean model's next-token distribution on one batch, kept to score every spliced run against it.
 
@@ -95,8 +78,7 @@ class CleanDistribution:
         self.probs = torch.empty(flat.shape, dtype=torch.float32, device=flat.device)
         self.neg_entropy = torch.empty(flat.shape[0], dtype=torch.float32, device=flat.device)
         ce = torch.empty_like(self.neg_entropy)
-        for i in range(0, flat.shape[0], CHUNK_POSITIONS):
-            rows = slice(i, i + CHUNK_POSITIONS)
+        for rows in position_chunks(flat.shape[0], flat.shape[1]):
             logp = torch.log_softmax(flat[rows].float(), dim=-1)
             self.probs[rows] = logp.exp()
             self.neg_entropy[rows] = (self.probs[rows] * logp).sum(-1)
@@ -109,8 +91,7 @@ class CleanDistribution:
         targets = tokens[:, 1:].reshape(-1, 1).to(flat.device)
         ce = torch.empty(flat.shape[0], dtype=torch.float32, device=flat.device)
         kl = torch.empty_like(ce)
-        for i in range(0, flat.shape[0], CHUNK_POSITIONS):
-            rows = slice(i, i + CHUNK_POSITIONS)
+        for rows in position_chunks(flat.shape[0], flat.shape[1]):
             z = flat[rows].float()
             lse = z.logsumexp(-1)
             ce[rows] = lse - z.gather(1, targets[rows]).squeeze(1)
@@ -201,7 +182,7 @@ def ablated_context_losses(lm, site: str, batches: list[Tensor], kinds: tuple[st
         for tokens in batches:
             edit = replace_within(splice_mask(lm, tokens, keep_bos), max_norm,
                                   lambda a, keep, v=value: v.to(device=a.device, dtype=a.dtype).expand_as(a))
-            ce = next_token_ce(lm.forward(tokens, edits={site: edit}), tokens)
+            ce = lm.next_token_loss(tokens, edits={site: edit})
             per_context += ce.double().mean(1).tolist()
             if progress is not None:
                 progress.update(1)
@@ -224,7 +205,7 @@ def clean_loss(lm, site: str, batches: list[Tensor], *, keep_bos: bool = False) 
     clean forward it runs anyway for the KL)."""
     entry = cache_entry(lm, site, batches, keep_bos)
     if "clean" not in entry:
-        ce = torch.cat([next_token_ce(lm.forward(tokens), tokens).flatten() for tokens in batches])
+        ce = torch.cat([lm.next_token_loss(tokens).flatten() for tokens in batches])
         entry["clean"] = float(ce.double().mean())
     return entry["clean"]
 

@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from saeforge.evaluation.splice import CHUNK_POSITIONS, replace_at, splice_mask
+from saeforge.evaluation.splice import replace_at, splice_mask
+from saeforge.models.lm import position_chunks
 
 
 @torch.no_grad()
@@ -54,8 +55,7 @@ def steering_effects(lm, W_dec: Tensor, site: str, contexts: Tensor, latents: li
                 edit = replace_at(mask, lambda x, s=shift: x + s.to(device=x.device, dtype=x.dtype))
                 logits = lm.forward(tokens, edits={site: edit})[mask]
                 on_ids = targets[j].to(logits.device)
-                for i in range(0, logits.shape[0], CHUNK_POSITIONS):  # bounded vocabulary-sized float32 temporaries
-                    rows = slice(i, i + CHUNK_POSITIONS)
+                for rows in position_chunks(*logits.shape):
                     delta = torch.softmax(logits[rows].float(), dim=-1) - p_clean[rows]
                     on_target = delta[:, on_ids]
                     on[a, j] += float(on_target.sum(dtype=torch.float64))

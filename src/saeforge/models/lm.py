@@ -17,6 +17,14 @@ Edit = Callable[[torch.Tensor], torch.Tensor]
 _LOGIT_CHUNK_ELEMENTS = 1 << 25
 
 
+def position_chunks(n_positions: int, vocab_size: int) -> Iterator[slice]:
+    """Slices over positions whose vocabulary-sized float32 temporaries stay near 128 MB whatever the vocabulary:
+    the one chunking of logits in the library (LM losses and gradients, evaluation's CE and KL, steering)."""
+    size = max(1, _LOGIT_CHUNK_ELEMENTS // vocab_size)
+    for start in range(0, n_positions, size):
+        yield slice(start, min(n_positions, start + size))
+
+
 class _StopForward(Exception):
     """Raised from a hook once every requested site is captured, to skip the rest of the forward pass."""
 
@@ -163,9 +171,7 @@ class LanguageModel:
         return logits.float()
 
     def _chunks(self, n: int) -> Iterator[slice]:
-        size = max(1, _LOGIT_CHUNK_ELEMENTS // self.vocab_size)
-        for start in range(0, n, size):
-            yield slice(start, min(n, start + size))
+        return position_chunks(n, self.vocab_size)
 
     def _valid(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """[B, S-1] bool: position t predicts t+1 and both are real tokens."""

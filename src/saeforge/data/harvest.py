@@ -11,9 +11,9 @@ from typing import Any, Literal, Optional, Union
 import torch
 
 from saeforge.data.cache import CacheWriter
-from saeforge.data.packing import pack_contexts
+from saeforge.data.packing import source_contexts
 from saeforge.config import ConfigError
-from saeforge.data.sources import check_text_source, shuffle_documents, text_source
+from saeforge.data.sources import check_text_source
 from saeforge.data.store import activation_scale, capture_training_tokens
 from saeforge.files import check_writable_dir
 
@@ -48,8 +48,7 @@ def harvest(
         raise ValueError(f"tokens must be positive, got {tokens}")
     d_in = lm.site_dim(site)
     writer = CacheWriter(out_dir, dtype=dtype, shard_tokens=shard_tokens, grad=grad)
-    texts = shuffle_documents(text_source(source, split, text_field), seed)
-    contexts = pack_contexts(texts, lm.tokenizer, context_len, bos_token_id=lm.bos_token_id)
+    contexts = source_contexts(lm, source, split, context_len, text_field=text_field, seed=seed)
     bar = _progress_bar(tokens, site) if progress else None
     sum_sq, written = 0.0, 0
     while written < tokens:

@@ -85,17 +85,22 @@ def training_mask(
     return keep
 
 
-def context_batches(lm: Any, data_cfg: Any, split: str, batch_size: int, *, seed: Optional[int] = None):
-    """Yield LongTensor [B, context_len] batches of packed contexts of `data_cfg.source` (the last may be smaller).
-
-    seed=None keeps the source's document order; an integer shuffles documents first (see shuffle_documents).
-    """
+def source_contexts(lm: Any, source: Any, split: str, context_len: int, *, text_field: str = "text",
+                    seed: Optional[int] = None) -> Iterator[torch.Tensor]:
+    """The text -> contexts chain, in one place: the documents of `source`'s split, shuffled with `seed` (None
+    keeps the source's order), tokenized with the LM's tokenizer and packed into BOS-led contexts of context_len."""
     from saeforge.data.sources import shuffle_documents, text_source
 
-    texts = text_source(data_cfg.source, split, data_cfg.text_field)
+    texts = text_source(source, split, text_field)
     if seed is not None:
         texts = shuffle_documents(texts, seed)
-    contexts = pack_contexts(texts, lm.tokenizer, data_cfg.context_len, bos_token_id=lm.bos_token_id)
+    return pack_contexts(texts, lm.tokenizer, context_len, bos_token_id=lm.bos_token_id)
+
+
+def context_batches(lm: Any, data_cfg: Any, split: str, batch_size: int, *, seed: Optional[int] = None):
+    """Yield LongTensor [B, context_len] batches of `source_contexts` of data_cfg (the last may be smaller)."""
+    contexts = source_contexts(lm, data_cfg.source, split, data_cfg.context_len, text_field=data_cfg.text_field,
+                               seed=seed)
     batch: list[torch.Tensor] = []
     for context in contexts:
         batch.append(context)

@@ -35,8 +35,7 @@ from typing import Any, Callable, Iterator, Optional, Protocol
 import torch
 from tqdm.auto import tqdm
 
-from saeforge.data.packing import pack_contexts, training_mask
-from saeforge.data.sources import shuffle_documents, text_source
+from saeforge.data.packing import source_contexts, training_mask
 
 STATE_FORMAT = "saeforge-activation-stream"
 SCALE_SAMPLE_TOKENS = 16384  # tokens used to estimate the activation statistics of a live stream
@@ -183,8 +182,8 @@ class LiveBlocks:
         self._position = 0  # contexts of this rank consumed from self._contexts
 
     def _all_contexts(self) -> Iterator[torch.Tensor]:
-        texts = shuffle_documents(text_source(self.cfg.source, self.split, self.cfg.text_field), self.seed)
-        return pack_contexts(texts, self.lm.tokenizer, self.cfg.context_len, bos_token_id=self.lm.bos_token_id)
+        return source_contexts(self.lm, self.cfg.source, self.split, self.cfg.context_len,
+                               text_field=self.cfg.text_field, seed=self.seed)
 
     def load(self, index):
         # Global context i belongs to rank i % world_size: ranks get disjoint, interleaved shares.

@@ -41,7 +41,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import subprocess
 import sys
 import time
@@ -304,7 +303,7 @@ def main() -> None:
 
     from saeforge import __version__ as saeforge_version
     from saeforge.config import DataConfig
-    from saeforge.evaluation.commands import eval_contexts
+    from saeforge.data import eval_contexts
     from saeforge.evaluation.evaluate import evaluate_saes
     from saeforge.models import load_lm
     from saeforge.saes import load_sae
@@ -440,7 +439,7 @@ def main() -> None:
         },
         "eval_s": round(eval_s, 1), "total_s": round(time.perf_counter() - t_start, 1),
     }
-    from saeforge.evaluation.commands import finite_or_null
+    from saeforge.commands.output import finite_or_null
 
     text = json.dumps(finite_or_null(result), indent=1, allow_nan=False)
     if args.json_out:

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from saeforge import create_sae
-from saeforge.cli import run_command
+from saeforge.commands.output import run_command
 
 from saeforge.data.cache import CacheWriter, seal_manifest
 from saeforge.models import tiny_lm

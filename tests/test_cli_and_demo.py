@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from saeforge.config import from_dict, to_dict, RunConfig
-from saeforge.demo import demo_config, demo_table
+from saeforge.commands.demo import demo_config, demo_table
 
 ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
 

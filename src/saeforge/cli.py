@@ -1,8 +1,5 @@
-"""The `saeforge` command. Each subcommand is a typed function in its own package; tyro makes the CLI from it.
-
-Every subcommand runs inside one error boundary (`run_command`): an error the user can fix (`UserError`, and the
-operating system's file errors) is one line on stderr and exit code 2; `--debug` shows its traceback as well. Any
-other exception is a bug and keeps its traceback."""
+"""The `saeforge` command. Each subcommand is a typed function in `saeforge.commands`; tyro makes the CLI from it,
+and every subcommand runs inside one error boundary (`commands.output.run_command`)."""
 
 from __future__ import annotations
 
@@ -11,11 +8,11 @@ import sys
 
 # name -> "module:function"; a subcommand's module is imported only when it runs.
 COMMANDS = {
-    "demo": ("saeforge.demo:demo_command", "Harvest, train a ReLU baseline and a Gated SAE, evaluate, print."),
-    "harvest": ("saeforge.data.harvest:harvest_command", "Write an activation cache from a language model."),
-    "train": ("saeforge.training.trainer:train_command", "Train the SAEs of a TOML run file."),
-    "eval": ("saeforge.evaluation.commands:eval_command", "Evaluate saved SAEs on held-out tokens."),
-    "sweep": ("saeforge.evaluation.commands:sweep_command", "Train and evaluate a grid; write CSV and Pareto plots."),
+    "demo": ("saeforge.commands.demo:demo_command", "Harvest, train a ReLU baseline and a Gated SAE, evaluate, print."),
+    "harvest": ("saeforge.commands.harvest:harvest_command", "Write an activation cache from a language model."),
+    "train": ("saeforge.commands.train:train_command", "Train the SAEs of a TOML run file."),
+    "eval": ("saeforge.commands.evaluate:eval_command", "Evaluate saved SAEs on held-out tokens."),
+    "sweep": ("saeforge.commands.sweep:sweep_command", "Train and evaluate a grid; write CSV and Pareto plots."),
 }
 
 
@@ -32,20 +29,6 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
-def run_command(name: str, run, debug: bool = False) -> None:
-    """Call `run()`; an error the user can fix ends the process with one message and exit code 2."""
-    from saeforge.errors import UserError
-
-    try:
-        run()
-    except (UserError, OSError, UnicodeDecodeError) as e:
-        if debug:
-            raise
-        message = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
-        print(f"saeforge {name}: error: {message}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
 def main(argv: list[str] | None = None) -> None:
     import tyro
 
@@ -59,6 +42,8 @@ def main(argv: list[str] | None = None) -> None:
     if name not in COMMANDS:
         print(f"saeforge: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         raise SystemExit(2)
+    from saeforge.commands.output import run_command
+
     command = _resolve(COMMANDS[name][0])
     run_command(name, lambda: tyro.cli(command, args=argv[1:], prog=f"saeforge {name}"), debug)
 

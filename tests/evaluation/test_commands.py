@@ -14,7 +14,8 @@ import torch
 
 from saeforge import create_sae
 from saeforge.config import ConfigError, load_config
-from saeforge.evaluation.commands import expand_grid, markdown_table, sweep_command
+from saeforge.commands.output import markdown_table
+from saeforge.commands.sweep import expand_grid, sweep_command
 
 SITE = "blocks.1.resid_post"
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -151,7 +152,7 @@ def test_markdown_table_leads_with_delta_ce_and_shows_cis():
 
 
 def test_json_files_are_strict_json(tmp_path):
-    from saeforge.evaluation.commands import write_json
+    from saeforge.commands.output import write_json
 
     def refuse(constant):
         raise ValueError(f"not strict JSON: {constant}")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from saeforge.evaluation.commands import sweep_command
+from saeforge.commands.sweep import sweep_command
 from saeforge.saes import REGISTRY, SAE, SAELoss, load_sae
 from saeforge.saes.base import encoder_pre_acts, register, squared_error
 

@@ -10,6 +10,8 @@ attention-sink activations, which are not representative; `training_mask` leaves
 
 from __future__ import annotations
 
+import math
+import sys
 from collections.abc import Iterable, Iterator
 from typing import Any, Optional
 
@@ -109,3 +111,23 @@ def context_batches(lm: Any, data_cfg: Any, split: str, batch_size: int, *, seed
             batch = []
     if batch:
         yield torch.stack(batch)
+
+
+def eval_contexts(lm, data_cfg: Any, tokens: int, batch_size: int = 4, split: str = "eval") -> torch.Tensor:
+    """Held-out contexts (split="eval") of data_cfg.source: enough [context_len] contexts to hold `tokens` tokens,
+    or all of them when the split is smaller. split="train": the first contexts of the training split (the PCA
+    reference's fit sample)."""
+    n_contexts = max(1, math.ceil(tokens / data_cfg.context_len))
+    picked: list[torch.Tensor] = []
+    for batch in context_batches(lm, data_cfg, split, batch_size):
+        picked.extend(batch)
+        if len(picked) >= n_contexts:
+            break
+    if not picked:
+        raise ValueError(f"the {split} split of {data_cfg.source!r} holds no full context of "
+                         f"{data_cfg.context_len} tokens")
+    if len(picked) < n_contexts:
+        print(f"note: the {split} split of {data_cfg.source!r} holds only "
+              f"{len(picked) * data_cfg.context_len:,} tokens of the {tokens:,} asked for; using all of them",
+              file=sys.stderr)
+    return torch.stack(picked[:n_contexts])

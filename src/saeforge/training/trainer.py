@@ -15,7 +15,6 @@ resampling. Only rank 0 would write checkpoints, logs and SAEs.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import math
 import os
@@ -27,9 +26,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from tyro.conf import Positional
 
-from saeforge.config import ConfigError, RunConfig, SAESpec, load_config, to_dict
+from saeforge.config import ConfigError, RunConfig, SAESpec, to_dict
 from saeforge.data.sources import check_text_source
 from saeforge.errors import UserError
 from saeforge.files import check_writable_dir
@@ -494,36 +492,3 @@ class Trainer:
             }
             dirs[name] = sae.save(self.out_dir / name, sparsity=run.tracker.counts.cpu(), n_tokens=tokens)
         return dirs
-
-
-def train_command(
-    config: Positional[Path],
-    resume: bool = False,
-    overwrite: bool = False,
-    out_dir: Optional[str] = None,
-    tokens: Optional[int] = None,
-    device: Optional[str] = None,
-    progress: bool = True,
-) -> None:
-    """Train the SAEs of a TOML run file on one activation stream.
-
-    Args:
-        config: the run file ([model], [data], [train], [[sae]] tables).
-        resume: continue from the newest checkpoint under the run's out_dir.
-        overwrite: start again even though out_dir holds a checkpoint.
-        out_dir: overrides train.out_dir.
-        tokens: overrides train.tokens.
-        device: overrides train.device (where the SAEs train).
-        progress: show the progress bar and the summary table.
-    """
-    cfg = load_config(config)
-    overrides = {k: v for k, v in (("out_dir", out_dir), ("tokens", tokens), ("device", device)) if v is not None}
-    if overrides:
-        try:
-            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **overrides))
-        except ConfigError as e:
-            raise ConfigError(f"command line (--out-dir, --tokens, --device): {e}") from e
-    result = Trainer(cfg, progress=progress).run(resume=resume, overwrite=overwrite)
-    print(f"trained {result.steps} steps ({result.tokens_seen:,} tokens); SAEs:")
-    for name, path in result.sae_dirs.items():
-        print(f"  {name}: {path}")

@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 from saeforge.evaluation.compare import setting, variant_of
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def save_figure(fig: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     return path
@@ -48,7 +48,7 @@ def firing_frequency_figure(rows: list[dict], path: Path, title: str) -> Path | 
     hist_ax.legend(fontsize=8)
     cdf_ax.legend(fontsize=8)
     fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def decoder_similarity_figure(rows: list[dict], path: Path, title: str) -> Path | None:
@@ -65,7 +65,7 @@ def decoder_similarity_figure(rows: list[dict], path: Path, title: str) -> Path 
     ax.set(xlabel="max cosine similarity of a decoder row to any other row", ylabel="fraction of latents",
            title=f"Decoder similarity (paper B Fig. 8)\n{title}")
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def directional_derivative_figure(rows: list[dict], path: Path, title: str) -> Path | None:
@@ -83,7 +83,7 @@ def directional_derivative_figure(rows: list[dict], path: Path, title: str) -> P
     ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
     ax.set(ylabel="mean |grad CE . u| over tokens (unit u)",
            title=f"Loss sensitivity along unit directions (paper B §2.3)\n{title}")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def ito_figure(rows: list[dict], path: Path, title: str, pca_reference: list[dict] = ()) -> Path | None:
@@ -106,7 +106,7 @@ def ito_figure(rows: list[dict], path: Path, title: str, pca_reference: list[dic
     ax.set(xlabel="L0 (mean active latents per token)", ylabel=f"loss recovered ({metric.split('_')[-1]} ablation)",
            title=f"Inference-time optimisation (gradient pursuit)\n{title}")
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def steering_figure(rows: list[dict], path: Path, title: str) -> Path | None:
@@ -134,7 +134,7 @@ def steering_figure(rows: list[dict], path: Path, title: str) -> Path | None:
     off_ax.set_title("Specificity: lower is better", fontsize=9)
     fig.suptitle(title, fontsize=9)
     on_ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def eval_figures(rows: list[dict], out_dir: Path, title: str, prefix: str = "",

@@ -12,7 +12,7 @@ from matplotlib.ticker import FuncFormatter
 
 from saeforge.evaluation.compare import setting, variant_of
 from saeforge.evaluation.metrics import finite_ci, is_finite_number
-from saeforge.viz.eval_figures import _save
+from saeforge.viz.eval_figures import save_figure
 
 L0_LABEL = "L0 (mean active latents per token)"
 
@@ -83,7 +83,7 @@ def _line_plot(rows: list[dict], x_key: str, y_key: str, path: Path, *, xlabel: 
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
     ax.legend(title="architecture (points: k, L0 target or lambda)" if annotate else "architecture", fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def pareto_figures(rows: list[dict], out_dir: Path, model: str, site: str,

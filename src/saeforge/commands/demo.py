@@ -18,7 +18,12 @@ import time
 from pathlib import Path
 
 from saeforge.config import DataConfig, EvalConfig, ModelConfig, RunConfig, SAESpec, TrainConfig, to_dict
-from saeforge.evaluation.commands import ci_cell
+from saeforge.commands.evaluate import evaluate_run
+from saeforge.commands.output import ci_cell, write_json
+from saeforge.data import harvest
+from saeforge.evaluation.compare import matched_l0_ratio
+from saeforge.models import load_lm
+from saeforge.training import Trainer
 
 DEMO_SITE = "blocks.6.resid_post"
 
@@ -95,11 +100,6 @@ def demo_command(
         relu_l0: L0 targets of the ReLU baselines (one SAE each).
         progress: show progress bars.
     """
-    from saeforge.data import harvest
-    from saeforge.evaluation.commands import evaluate_run, write_json
-    from saeforge.evaluation.compare import matched_l0_ratio
-    from saeforge.models import load_lm
-    from saeforge.training import Trainer
 
     t0 = time.time()
     out = Path(out)

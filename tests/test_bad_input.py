@@ -175,9 +175,10 @@ CASES = [
      "train.seed: expected an integer"),
     ("train", "topk_without_k", lambda ws, d: ["train", str(ws.run_file(d, sae='architecture = "topk"'))],
      "sae.k: required"),
-    ("train", "jumprelu_not_trainable",
-     lambda ws, d: ["train", str(ws.run_file(d, sae='architecture = "jumprelu"\nexpansion = 2.0'))],
-     "is not trained directly"),
+    ("train", "jumprelu_bad_bandwidth",
+     lambda ws, d: ["train", str(ws.run_file(d, sae='architecture = "jumprelu"\nexpansion = 2.0\n'
+                                                    'options = {bandwidth = -1.0}'))],
+     "bandwidth must be a positive number"),
     ("train", "fewer_tokens_than_a_batch", lambda ws, d: ["train", str(ws.run_file(d)), "--tokens", "5"],
      "less than one batch"),
     ("train", "negative_tokens_flag", lambda ws, d: ["train", str(ws.run_file(d)), "--tokens", "-5"],

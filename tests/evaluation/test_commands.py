@@ -133,9 +133,13 @@ options = {use_r_mag = false}
     path.write_text('[eval]\ngrid_architectures = ["topk"]\n')
     with pytest.raises(ConfigError, match="grid_k"):
         expand_grid(load_config(path))
-    path.write_text('[eval]\ngrid_architectures = ["jumprelu"]\ngrid_k = [3]\n')
-    with pytest.raises(ConfigError, match="jumprelu"):
+    path.write_text('[eval]\ngrid_architectures = ["jumprelu2"]\ngrid_target_l0 = [8]\n')
+    with pytest.raises(ConfigError, match=r"'jumprelu2' cannot be swept; use one of .*'jumprelu'"):
         expand_grid(load_config(path))
+    # JumpReLU is trained directly now: swept by L0 target (or lambda) like relu and gated.
+    path.write_text('[eval]\ngrid_architectures = ["jumprelu"]\ngrid_target_l0 = [8, 16]\n')
+    assert [(s.architecture, s.target_l0) for s in expand_grid(load_config(path)).sae] == [
+        ("jumprelu", 8), ("jumprelu", 16)]
 
 
 def test_markdown_table_formats_missing_values():

@@ -17,6 +17,8 @@ ARCHS = {
     "topk": {"k": 5},
     "gradient_topk": {"k": 5, "beta": 3.0, "grad_norm": "unit_rms"},
     "jumprelu": {},
+    "batchtopk": {"k": 5},
+    "matryoshka_batchtopk": {"k": 5, "prefixes": [10, 20]},
 }
 
 
@@ -37,7 +39,8 @@ def run(sae, x, grad=None):
 
 
 def test_registry_has_every_architecture():
-    assert set(REGISTRY) == {"relu", "gated", "topk", "gradient_topk", "jumprelu"}
+    assert set(REGISTRY) == {"relu", "gated", "topk", "gradient_topk", "jumprelu", "batchtopk",
+                             "matryoshka_batchtopk"}
 
 
 def test_gated_reconstruction_term_gives_b_gate_no_gradient():
@@ -168,7 +171,8 @@ def test_saved_files_use_saelens_names_and_shapes(tmp_path):
     assert set(load_file(str(tmp_path / "r" / "sae_weights.safetensors"))) == {"W_enc", "b_enc", "W_dec", "b_dec"}
 
 
-@pytest.mark.parametrize("label", ["relu", "gated", "topk", "gradient_topk", "jumprelu"])
+@pytest.mark.parametrize("label", ["relu", "gated", "topk", "gradient_topk", "jumprelu", "batchtopk",
+                                   "matryoshka_batchtopk"])
 def test_fold_activation_scale_makes_raw_inputs_work(label):
     sae = make(label)
     c = 3.7

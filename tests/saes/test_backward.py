@@ -28,6 +28,11 @@ CASES = {
     "gradient_topk": ("gradient_topk", {"k": 8, "beta": 3.0}),
     "gradient_topk-unit_rms": ("gradient_topk", {"k": 8, "beta": 3.0, "grad_norm": "unit_rms"}),
     "gradient_topk-auxk": ("gradient_topk", {"k": 8, "k_aux": 16, "beta": 3.0}),
+    "batchtopk": ("batchtopk", {"k": 8}),
+    "batchtopk-auxk": ("batchtopk", {"k": 8, "k_aux": 16}),
+    "matryoshka_batchtopk": ("matryoshka_batchtopk", {"k": 8, "prefixes": [16, 64, 200]}),
+    "matryoshka_batchtopk-fractions": ("matryoshka_batchtopk", {"k": 8, "prefixes": [1 / 32, 0.25]}),
+    "matryoshka_batchtopk-auxk": ("matryoshka_batchtopk", {"k": 8, "k_aux": 16, "prefixes": [16, 64]}),
 }
 
 

@@ -59,12 +59,19 @@ def train(name, options, coeff, steps=1500, batch=512):
         ("gated", {}, 2.0),
         ("topk", {"k": 4}, None),
         ("gradient_topk", {"k": 4, "beta": 1.0, "grad_norm": "unit_rms"}, None),
+        ("jumprelu", {}, 0.1),  # lambda of its L0 penalty: L0 about 3.1 against the true 2.9
+        ("batchtopk", {"k": 4}, None),
+        # Two levels (48 and 96 latents). With a smaller inner prefix (12 or 24 of 96) the mean max cosine is about
+        # 0.86 even after 4000 steps: these true directions have no hierarchy, and inner latents that must
+        # reconstruct on their own learn mixtures of them (the Matryoshka trade-off), leaving the outer latents
+        # corrections rather than pure directions.
+        ("matryoshka_batchtopk", {"k": 4, "prefixes": [48]}, None),
     ],
 )
 def test_each_architecture_recovers_the_true_directions(name, options, coeff):
     mean_max_cos, gamma = train(name, options, coeff)
     assert mean_max_cos > 0.9, f"{name}: mean max cosine {mean_max_cos:.3f}"
-    if name == "gated":
-        assert abs(gamma - 1) < 0.03, f"gated gamma {gamma:.3f} should be near 1"
+    if name in ("gated", "jumprelu"):  # no shrinkage: JumpReLU's L0 penalty does not pull on magnitudes
+        assert abs(gamma - 1) < 0.03, f"{name} gamma {gamma:.3f} should be near 1"
     if name == "relu":
         assert gamma < 0.9, f"relu gamma {gamma:.3f} should show shrinkage"

@@ -43,8 +43,8 @@ def test_bad_fields_are_named(tmp_path, text, names):
 
 
 @pytest.mark.parametrize("sae, message", [
-    ('architecture = "jumprelu"', "not trained directly"),
     ('architecture = "topk"\nk = 4\noptions = { kk = 1 }', "'kk'"),
+    ('architecture = "jumprelu"\noptions = { bandwidth = -0.1 }', "bandwidth must be a positive number"),
 ])
 def test_trainer_refuses_specs_it_cannot_train(tmp_path, sae, message):
     cfg = load_config(write(tmp_path, f"[train]\nout_dir = '{tmp_path / 'run'}'\n[[sae]]\n{sae}\n"))

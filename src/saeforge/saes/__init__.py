@@ -6,6 +6,8 @@ from saeforge.saes.gated import GatedSAE
 from saeforge.saes.topk import TopKSAE
 from saeforge.saes.gradient_topk import GradientTopKSAE
 from saeforge.saes.jumprelu import JumpReLUSAE
+from saeforge.saes.batchtopk import BatchTopKSAE
+from saeforge.saes.matryoshka import MatryoshkaBatchTopKSAE
 
 __all__ = ["REGISTRY", "architecture_class", "SAE", "SAELoadError", "SAELoss", "create_sae", "load_sae", "ReluSAE", "GatedSAE", "TopKSAE",
-           "GradientTopKSAE", "JumpReLUSAE"]
+           "GradientTopKSAE", "JumpReLUSAE", "BatchTopKSAE", "MatryoshkaBatchTopKSAE"]

@@ -270,6 +270,11 @@ class SAE(nn.Module):
         """Architecture-specific fields of SAELens's config (e.g. TopK's `k`)."""
         return {}
 
+    def saelens_refusal(self) -> str | None:
+        """Why SAELens has no SAE with this one's features (None: `saelens_architecture` holds it); saeforge.interop
+        then refuses to export it, and `save` marks cfg.json so that SAELens refuses to load it."""
+        return None
+
     def options(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.option_names}
 
@@ -350,27 +355,15 @@ class SAE(nn.Module):
 
     # ---------------------------------------------------------------- files
     def cfg_dict(self) -> dict[str, Any]:
-        """cfg.json: SAELens's fields (so the directory opens there) plus saeforge's own, under `saeforge`."""
-        dtype = str(self.W_dec.dtype).removeprefix("torch.")
-        cfg = {
-            "architecture": self.saelens_architecture,
-            "d_in": self.d_in,
-            "d_sae": self.d_sae,
-            "dtype": dtype,
-            "device": "cpu",
-            "apply_b_dec_to_input": True,
-            "normalize_activations": "none",
-            "model_name": self.cfg.get("model_name"),
-            "hook_name": self.cfg.get("hook_name"),
-            "context_size": self.cfg.get("context_size"),
-            "dataset_path": self.cfg.get("dataset"),
-            "prepend_bos": True,
-            "reshape_activations": "none",
-            **self.saelens_fields(),
-        }
-        # SAELens 6 reads these under `metadata`; older versions read them at the top level (kept above).
-        cfg["metadata"] = {key: cfg[key] for key in ("model_name", "hook_name", "context_size", "dataset_path",
-                                                     "prepend_bos")}
+        """cfg.json: SAELens 6's config (so the directory opens there; saeforge.interop.saelens writes it) plus
+        saeforge's own names at the top level and its facts under `saeforge`."""
+        from saeforge.interop.saelens import saelens_config  # lazy: interop imports saes
+
+        cfg = saelens_config(self)
+        # saeforge's own model and site names (SAELens 6 reads its names from `metadata`).
+        cfg.update({"model_name": self.cfg.get("model_name"), "hook_name": self.cfg.get("hook_name"),
+                    "context_size": self.cfg.get("context_size"), "dataset_path": self.cfg.get("dataset"),
+                    "prepend_bos": True})
         cfg.update({k: v for k, v in self.cfg.items() if k not in cfg and k != "saeforge"})
         # self.cfg["saeforge"] holds saeforge's own training facts (e.g. max_input_norm, normalization); they go
         # into the same block as the architecture.
@@ -423,28 +416,29 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 def load_sae(directory: str | os.PathLike, device=None) -> SAE:
     """Restore an SAE saved by `SAE.save` (cfg.json + sae_weights.safetensors). Never unpickles anything. Whatever
     is wrong with the directory (a missing, truncated or malformed file, wrong shapes, non-finite weights) is one
-    SAELoadError naming the file."""
+    SAELoadError naming the file. A directory in another format (SAELens, Gemma Scope 1/2, dictionary_learning,
+    sparsify) is read by `saeforge.interop.read_sae`; one in no known format is an error listing the formats tried."""
     directory = Path(directory)
     cfg_path, weights_path = directory / CFG_FILE, directory / WEIGHTS_FILE
-    for p in (cfg_path, weights_path):
-        if not p.is_file():
-            raise SAELoadError(f"{directory} is not a saved SAE (no {p.name})")
+    if not cfg_path.is_file():
+        return _load_foreign(directory, device)
     try:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SAELoadError(f"{cfg_path}: not valid JSON: {e}") from e
     if not isinstance(cfg, dict):
         raise SAELoadError(f"{cfg_path}: expected a JSON object, got a {type(cfg).__name__}")
+    meta = cfg.get("saeforge")
+    if not isinstance(meta, dict) or "architecture" not in meta:
+        return _load_foreign(directory, device)  # SAELens, sparsify, ...: saeforge.interop reads them
+    if not weights_path.is_file():
+        raise SAELoadError(f"{directory} is not a saved SAE (no {weights_path.name})")
     for key in ("d_in", "d_sae", "dtype"):
         if key not in cfg:
             raise SAELoadError(f"{cfg_path}: missing field {key!r}")
     for key in ("d_in", "d_sae"):
         if isinstance(cfg[key], bool) or not isinstance(cfg[key], int) or cfg[key] < 1:
             raise SAELoadError(f"{cfg_path}: {key} must be a positive integer, got {cfg[key]!r}")
-    meta = cfg.get("saeforge")
-    if not isinstance(meta, dict) or "architecture" not in meta:
-        raise SAELoadError(f"{cfg_path}: missing field 'saeforge.architecture' (not written by saeforge; "
-                           "use saeforge.interop to convert foreign formats)")
     name = meta["architecture"]
     if name not in REGISTRY:
         raise SAELoadError(f"{cfg_path}: unknown SAE architecture {name!r}; valid architectures are "
@@ -478,13 +472,22 @@ def load_sae(directory: str | os.PathLike, device=None) -> SAE:
     sae.load_state_dict(state)
     saelens_keys = {"architecture", "d_in", "d_sae", "dtype", "device", "apply_b_dec_to_input", "k",
                     "normalize_activations", "prepend_bos", "saeforge", "dataset_path", "reshape_activations",
-                    "metadata"}
+                    "metadata", "sae_lens_version", "rescale_acts_by_decoder_norm"}
     sae.cfg = {k: v for k, v in cfg.items() if k not in saelens_keys}
     extra = {k: v for k, v in meta.items() if k not in ("architecture", "options", "version")}
     if extra:
         sae.cfg["saeforge"] = extra
     if cfg.get("dataset_path") is not None:
         sae.cfg["dataset"] = cfg["dataset_path"]
+    return sae.to(device) if device is not None else sae
+
+
+def _load_foreign(directory: Path, device) -> SAE:
+    """Any other format saeforge reads (SAELens, Gemma Scope, dictionary_learning, sparsify), or one error listing
+    the formats tried."""
+    from saeforge.interop import read_sae  # lazy: interop imports saes
+
+    sae = read_sae(directory)
     return sae.to(device) if device is not None else sae
 
 

@@ -86,6 +86,13 @@ class GatedSAE(SAE):
         sae.cfg = {}
         return sae
 
+    def saelens_refusal(self) -> str | None:
+        if not self.tied:
+            return ("it is untied (tied=False): its magnitude path has its own W_mag, while SAELens's gated SAE "
+                    "ties it to the gate (W_mag = W_enc * exp(r_mag)); no SAELens SAE has two independent encoders "
+                    "(nor is an untied Gated SAE a JumpReLU)")
+        return None
+
     @property
     def uses_sparsity_coeff(self) -> bool:
         return not self.magnitude_only  # rescale & shift keeps the baseline's gate: no lambda, nothing to steer

@@ -23,7 +23,7 @@ from saeforge.saes.topk import TopKSAE
 
 @register("gradient_topk")
 class GradientTopKSAE(TopKSAE):
-    saelens_architecture = "topk"  # opens in SAELens as a TopK SAE, which ignores the gradient term
+    saelens_architecture = "topk"  # the nearest; saelens_refusal keeps it from being exported as one
     needs_grad = True
     option_names = ("k", "k_aux", "aux_coeff", "beta", "grad_norm")
 
@@ -36,6 +36,11 @@ class GradientTopKSAE(TopKSAE):
         if not beta >= 0:
             raise ValueError(f"GradientTopKSAE: beta must be >= 0, got {beta!r}")
         self.beta, self.grad_norm = float(beta), grad_norm
+
+    def saelens_refusal(self) -> str | None:
+        return ("its selection reads the LM's loss gradient at the site (TopK of z + beta * z * |W_dec grad|); "
+                "SAELens's TopK selects on z alone and has no input for a gradient, so it would load as a different "
+                "SAE (a plain TopK on the same weights)")
 
     @torch.no_grad()
     def selection_score(self, pre: Tensor, grad: Tensor) -> Tensor:

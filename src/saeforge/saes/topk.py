@@ -115,15 +115,7 @@ class TopKSAE(SAE):
         vals, idx, pre = self.encode_sparse(x, grad)
         x_hat = self.decode_sparse(vals, idx)
         recon = squared_error(x, x_hat)
-        aux = torch.zeros_like(recon)
-        if dead_mask is not None and bool(dead_mask.any()):
-            # AuxK: the residual is the target (no gradient through x_hat); only dead latents may fire.
-            k_aux = min(self.k_aux, int(dead_mask.sum()))
-            pre_dead = pre.masked_fill(~dead_mask.to(pre.device), float("-inf"))
-            aux_idx = pre_dead.topk(k_aux, dim=-1, sorted=False).indices
-            aux_vals = torch.relu(pre.gather(-1, aux_idx))
-            residual = (x - x_hat).detach()
-            aux = squared_error(residual, self.decode_sparse(aux_vals, aux_idx, bias=False))
+        aux = self.aux_k_loss(x, x_hat, pre, dead_mask)
         total = recon + self.aux_coeff * aux
         return SAELoss(total, recon, torch.zeros_like(recon), aux, None, x_hat, active=(vals, idx), d_sae=self.d_sae)
 
@@ -142,27 +134,13 @@ class TopKSAE(SAE):
         x_hat = self.decode_sparse(vals, idx)
         err = x_hat - x
         recon = err.pow(2).sum() / n
-        aux = torch.zeros_like(recon)
         g = err * (2.0 / n)  # d recon / d x_hat
         w_dec_grad = active.sum_over_tokens(vals, g)
         d_vals = active.dot_rows(g, self.W_dec).mul_(vals > 0)  # through the ReLU
         # [d_sae, d_in + 1]: W_enc's gradient (transposed) and, from the ones column, b_enc's (a deterministic sum,
         # unlike a scatter-add with atomics on a GPU).
         enc_grad_t = active.sum_over_tokens(d_vals, x_c_1)
-        if dead_mask is not None and bool(dead_mask.any()):
-            # AuxK: the top k_aux dead latents reconstruct the residual x - x_hat (a target: no gradient to x_hat).
-            dead = dead_mask.to(pre.device).nonzero()[:, 0]
-            pre_dead = pre.index_select(1, dead)
-            aux_idx = dead[pre_dead.topk(min(self.k_aux, dead.numel()), dim=-1, sorted=False).indices]
-            aux_idx = aux_idx.sort(dim=-1).values
-            aux_vals = pre.gather(-1, aux_idx).float().relu_()
-            dead_active = ActiveLatents(aux_idx, self.d_sae)
-            aux_err = self.decode_sparse(aux_vals, aux_idx, bias=False) + err
-            aux = aux_err.pow(2).sum() / n
-            g_aux = aux_err.mul_(2.0 * self.aux_coeff / n)
-            w_dec_grad += dead_active.sum_over_tokens(aux_vals, g_aux)
-            d_aux = dead_active.dot_rows(g_aux, self.W_dec).mul_(aux_vals > 0)
-            enc_grad_t += dead_active.sum_over_tokens(d_aux, x_c_1)
+        aux = self.aux_k_grads_(pre, dead_mask, err, x_c_1, w_dec_grad, enc_grad_t)
         b_enc_grad = enc_grad_t[:, -1]
         add_grad(self.W_dec, w_dec_grad)
         add_grad(self.W_enc, enc_grad_t[:, :-1].T)
@@ -172,6 +150,43 @@ class TopKSAE(SAE):
         total = recon + self.aux_coeff * aux
         return SAELoss(total, recon, torch.zeros_like(recon), aux, None, x_hat, active=(vals, idx), d_sae=self.d_sae,
                        fired_counts=fired)
+
+    # ---------------------------------------------------------------- AuxK (shared with the BatchTopK family)
+    def aux_k_loss(self, x: Tensor, x_hat: Tensor, pre: Tensor, dead_mask: Tensor | None) -> Tensor:
+        """AuxK (autograd): the top k_aux pre-activations among dead latents reconstruct the residual x - x_hat,
+        a target (no gradient through x_hat). x, x_hat [tokens, d_in], pre [tokens, d_sae]; 0 without dead
+        latents."""
+        if dead_mask is None or not bool(dead_mask.any()):
+            return x_hat.new_zeros((), dtype=torch.float32)
+        k_aux = min(self.k_aux, int(dead_mask.sum()))
+        pre_dead = pre.masked_fill(~dead_mask.to(pre.device), float("-inf"))
+        aux_idx = pre_dead.topk(k_aux, dim=-1, sorted=False).indices
+        aux_vals = torch.relu(pre.gather(-1, aux_idx))
+        residual = (x - x_hat).detach()
+        return squared_error(residual, self.decode_sparse(aux_vals, aux_idx, bias=False))
+
+    def aux_k_grads_(self, pre: Tensor, dead_mask: Tensor | None, err: Tensor, x_c_1: Tensor,
+                     w_dec_grad: Tensor, enc_grad_t: Tensor) -> Tensor:
+        """AuxK by hand: returns the aux loss and adds aux_coeff times its gradients in place to w_dec_grad
+        [d_sae, d_in] and enc_grad_t [d_sae, d_in + 1] (W_enc's gradient transposed, b_enc's in the last column).
+        err = x_hat - x [tokens, d_in] (the residual's negative); x_c_1 = [x - b_dec | 1]."""
+        n = err.shape[0]
+        if dead_mask is None or not bool(dead_mask.any()):
+            return err.new_zeros(())
+        # The top k_aux dead latents reconstruct the residual x - x_hat (a target: no gradient to x_hat).
+        dead = dead_mask.to(pre.device).nonzero()[:, 0]
+        pre_dead = pre.index_select(1, dead)
+        aux_idx = dead[pre_dead.topk(min(self.k_aux, dead.numel()), dim=-1, sorted=False).indices]
+        aux_idx = aux_idx.sort(dim=-1).values
+        aux_vals = pre.gather(-1, aux_idx).float().relu_()
+        dead_active = ActiveLatents(aux_idx, self.d_sae)
+        aux_err = self.decode_sparse(aux_vals, aux_idx, bias=False) + err
+        aux = aux_err.pow(2).sum() / n
+        g_aux = aux_err.mul_(2.0 * self.aux_coeff / n)
+        w_dec_grad += dead_active.sum_over_tokens(aux_vals, g_aux)
+        d_aux = dead_active.dot_rows(g_aux, self.W_dec).mul_(aux_vals > 0)
+        enc_grad_t += dead_active.sum_over_tokens(d_aux, x_c_1)
+        return aux
 
     def latent_params(self) -> dict[str, int]:
         return {"W_enc": 1, "b_enc": 0, "W_dec": 0}

@@ -1,4 +1,12 @@
-"""SAE architectures, one file each, on the base in `base.py`. `create_sae(name, ...)` and `load_sae(dir)`."""
+"""SAE architectures, one file each, on the base in `base.py`. `create_sae(name, ...)` and `load_sae(dir)`.
+
+Adding an architecture touches one file plus its tests: subclass `SAE`, decorate it with `@register("name")`,
+declare what the rest of the library asks about it on the class (trainable, sparsity "coefficient" or "k",
+dead_latents, adam_betas, needs_grad, saelens_architecture, option_names), implement `encode`, `loss` (the paper's
+equations, autograd) and `latent_params`, and for speed `grads_by_hand` (add cases to tests/saes/test_backward.py).
+Config validation, the trainer, sweeps, evaluation, figures and save/load then work through the registry;
+tests/evaluation/test_new_architecture.py does exactly this with an architecture defined in a test module. Import
+the new file below so that it registers."""
 
 from saeforge.saes.base import REGISTRY, SAE, SAELoadError, SAELoss, architecture_class, create_sae, load_sae
 from saeforge.saes.relu import ReluSAE

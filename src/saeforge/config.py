@@ -187,15 +187,15 @@ class SAESpec:
     name: Optional[str] = None  # directory name under the run; defaults to architecture + coefficient or k
     d_sae: Optional[int] = None
     expansion: Optional[float] = 8.0  # d_sae = expansion * d_in when d_sae is not given
-    # relu/gated: either a fixed lambda (sparsity_coeff), or an L0 target that a controller reaches by adjusting
+    # Architectures whose sparsity is a coefficient (SAE.sparsity): either a fixed lambda (sparsity_coeff), or an L0 target that a controller reaches by adjusting
     # lambda during the first train.l0_control_frac of the steps (then lambda is frozen); with both, the controller
     # starts from sparsity_coeff. Neither: target_l0 = DEFAULT_TARGET_L0.
     sparsity_coeff: Optional[float] = None
     target_l0: Optional[float] = None
-    k: Optional[int] = None  # topk, gradient_topk (k is their L0 target already)
+    k: Optional[int] = None  # architectures whose sparsity is k (k is their L0 already)
     lr: Optional[float] = None  # overrides train.lr
     adam_betas: Optional[tuple[float, float]] = None  # overrides train.adam_betas
-    resample: Optional[bool] = None  # dead-latent resampling (relu/gated); None = train.resample
+    resample: Optional[bool] = None  # dead-latent resampling (architectures that resample); None = train.resample
     options: dict = field(default_factory=dict)  # architecture switches, e.g. {tied = false} or {beta = 1e5}
 
     def __post_init__(self):
@@ -247,7 +247,7 @@ class TrainConfig:
     tokens: int = 2_000_000
     batch_size: int = 4096
     lr: float = 3e-4
-    # None = per architecture: (0, 0.999) for relu/gated (paper A), (0.9, 0.999) for topk/gradient_topk (Gao et al.)
+    # None = per architecture (SAE.adam_betas): e.g. (0, 0.999) for relu/gated (paper A), (0.9, 0.999) for TopK (Gao)
     adam_betas: Optional[tuple[float, float]] = None
     # Step counts given as None are sized to the run: a fraction of its total steps (training/schedules.py,
     # `StepPlan`), so a run of thousands of steps gets warm-ups of hundreds; an explicit number of steps is kept.
@@ -281,7 +281,7 @@ class TrainConfig:
     # on a fixed sample of training activations; 0 tokens = off.
     heldout_every: Optional[int] = None
     heldout_tokens: int = 8192
-    resample: bool = True  # dead-latent resampling for relu/gated (METHODS.md)
+    resample: bool = True  # dead-latent resampling where the architecture resamples (METHODS.md)
     resample_every: Optional[int] = None  # None = 1/8 of the steps (so 4 resamples in the first half)
     resample_until: Optional[int] = None  # no resampling after this step; None = half of the steps
     dead_window_steps: Optional[int] = None  # resampling: dead = no firing in this many steps; None = resample_every
@@ -334,7 +334,7 @@ class EvalConfig:
     """Held-out evaluation (saeforge.evaluation), and the compact grid that `saeforge sweep` expands.
 
     Grid: when `grid_architectures` is set, the [[sae]] list is replaced by one SAE per architecture and value:
-    relu/gated get one per entry of `grid_target_l0` (an L0 target each) or of `grid_sparsity_coeffs` (a fixed
+    coefficient architectures get one per entry of `grid_target_l0` (an L0 target each) or of `grid_sparsity_coeffs` (a fixed
     lambda each), topk/gradient_topk one per entry of `grid_k` (else of `grid_target_l0`, rounded: k is their L0);
     every other field (width, lr, options) is copied from the first [[sae]] entry (or SAESpec's defaults).
     """

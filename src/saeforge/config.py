@@ -334,8 +334,8 @@ class EvalConfig:
     """Held-out evaluation (saeforge.evaluation), and the compact grid that `saeforge sweep` expands.
 
     Grid: when `grid_architectures` is set, the [[sae]] list is replaced by one SAE per architecture and value:
-    coefficient architectures get one per entry of `grid_target_l0` (an L0 target each) or of `grid_sparsity_coeffs` (a fixed
-    lambda each), topk/gradient_topk one per entry of `grid_k` (else of `grid_target_l0`, rounded: k is their L0);
+    coefficient architectures get one per entry of `grid_target_l0` (an L0 target each) or of `grid_sparsity_coeffs`
+    (a fixed lambda each), k architectures one per entry of `grid_k` (else of `grid_target_l0`, rounded: k is their L0);
     every other field (width, lr, options) is copied from the first [[sae]] entry (or SAESpec's defaults).
     """
 

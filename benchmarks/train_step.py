@@ -2,7 +2,7 @@
 
     PYTHONPATH=src python benchmarks/train_step.py [--device cuda] [--rounds 7] [--archs relu,gated,...]
 
-For each architecture (relu, gated, topk, gradient_topk) at d_in=640, d_sae=8192, batch 4096, in float32 and with
+For each architecture (relu, gated, topk, gradient_topk, batchtopk, matryoshka_batchtopk, jumprelu) at d_in=640, d_sae=8192, batch 4096, in float32 and with
 bf16 products, it times the trainer's own step (`SAERun.step`: `SAE.loss_and_grads`, constrained Adam, firing
 counts) and, in the same run and taking turns with it, the dense products that step performs, each on fresh
 operands of its shape. One JSON line each: tokens/s, step and floor times (minimum and median over the rounds),
@@ -17,7 +17,9 @@ The dense products per step (B = batch, d = d_in, M = d_sae), as `loss_and_grads
   topk   1: encode. After the selection everything is sparse (tokens * k rows): decode, W_dec's and W_enc's
             gradients, the gradient at the selected values
   gradient_topk 2: encode, and the projection of the LM gradient onto the decoder rows [B,d]x[d,M]
-For the TopK family it also gives selection_s (torch.topk over [B, M] alone) and dense_floor_s (the five products
+  batchtopk, matryoshka_batchtopk 1: encode; the selection is over the whole batch (k*B entries), then sparse
+  jumprelu 5: as relu (dense; the threshold's pseudo-derivatives are elementwise)
+For the k family it also gives selection_s (torch.topk over [B, M] alone) and dense_floor_s (the five products
 a dense implementation would run, as relu's), which place the step between what it cannot avoid and what the
 sparse path saves.
 """
@@ -35,10 +37,11 @@ import torch
 
 from saeforge.config import TrainConfig
 from saeforge.models.precision import hardware_record
-from saeforge.saes import create_sae
+from saeforge.saes import architecture_class, create_sae
 from saeforge.saes.base import SAE
 from saeforge.training.memory import keep_freed_memory
-from saeforge.training.sae_run import DEFAULT_BETAS, SAERun
+from saeforge.training.sae_run import SAERun
+from saeforge.training.schedules import StepPlan
 
 D_IN, D_SAE, BATCH, K = 640, 8192, 4096, 32
 
@@ -72,6 +75,9 @@ FLOOR_PRODUCTS = {
     "gated": [ENCODE, DECODE, DECODE, D_FEATURES, D_FEATURES, DECODER_GRAD, FROM_INPUT_GRAD, FROM_INPUT_GRAD],
     "topk": [ENCODE],
     "gradient_topk": [ENCODE, ENCODE],
+    "batchtopk": [ENCODE],  # the selection is over the whole batch (k * B entries), then sparse like topk
+    "matryoshka_batchtopk": [ENCODE],  # as batchtopk; the prefix losses reuse the kept entries
+    "jumprelu": DENSE_STEP,  # dense like relu; the threshold's pseudo-derivative is elementwise
 }
 
 
@@ -94,11 +100,13 @@ def summary(times: list[float]) -> tuple[float, float]:
 
 def bench(arch: str, bf16: bool, rounds: int, device: torch.device) -> dict:
     torch.manual_seed(0)
-    options = {"k": K} if arch in ("topk", "gradient_topk") else {}
+    takes_k = architecture_class(arch).sparsity == "k"
+    options = {"k": K} if takes_k else {}
     sae = create_sae(arch, d_in=D_IN, d_sae=D_SAE, **options).to(device)
     train = TrainConfig(batch_size=BATCH, lr_warmup_steps=0, tensorboard=False)
     compute_dtype = torch.bfloat16 if bf16 else torch.float32
-    run = SAERun(arch, sae, train, total_steps=10**6, lr=3e-4, betas=DEFAULT_BETAS[arch],
+    plan = StepPlan.of(train, 10**6)
+    run = SAERun(arch, sae, train, total_steps=10**6, plan=plan, lr=3e-4, betas=sae.adam_betas,
                  sparsity_coeff=1.0 if sae.uses_sparsity_coeff else None, resample=False, seed=0,
                  compute_dtype=compute_dtype)
     g = torch.Generator(device=device).manual_seed(1)
@@ -112,7 +120,7 @@ def bench(arch: str, bf16: bool, rounds: int, device: torch.device) -> dict:
 
     reference = copy.deepcopy(sae)
     reference.grads_by_hand = types.MethodType(SAE.grads_by_hand, reference)  # None: loss_and_grads uses autograd
-    run_autograd = SAERun(arch, reference, train, total_steps=10**6, lr=3e-4, betas=DEFAULT_BETAS[arch],
+    run_autograd = SAERun(arch, reference, train, total_steps=10**6, plan=plan, lr=3e-4, betas=sae.adam_betas,
                           sparsity_coeff=run.sparsity_coeff, resample=False, seed=0, compute_dtype=compute_dtype)
     counter_autograd = iter(range(10**9))
 
@@ -122,7 +130,7 @@ def bench(arch: str, bf16: bool, rounds: int, device: torch.device) -> dict:
 
     dtype = torch.bfloat16 if bf16 else torch.float32
     fns = {"step": step, "floor": products(FLOOR_PRODUCTS[arch], dtype, device), "autograd_step": autograd_step}
-    if arch in ("topk", "gradient_topk"):
+    if takes_k:
         scores = torch.randn(BATCH, D_SAE, device=device, dtype=dtype, generator=g)
         fns["selection"] = lambda: scores.topk(K, dim=-1, sorted=False)
         fns["dense_floor"] = products(DENSE_STEP, dtype, device)
@@ -146,7 +154,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default: 7 CPU, 20 GPU)")
-    parser.add_argument("--archs", default="relu,gated,topk,gradient_topk")
+    parser.add_argument("--archs", default="relu,gated,topk,gradient_topk,batchtopk,matryoshka_batchtopk,jumprelu")
     parser.add_argument("--dtypes", default="fp32,bf16")
     args = parser.parse_args()
     device = torch.device(args.device)

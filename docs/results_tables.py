@@ -16,11 +16,16 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
+from scipy import stats
+
+from saeforge.evaluation.bootstrap import context_bootstrap_ci
 from saeforge.evaluation.compare import matched_l0_ratio
 
 ROOT = Path(__file__).parent / "results"
-RUNS = ("paper_a_resid", "paper_a_resid_ablations", "paper_a_mlp")
+RUNS = ("paper_a_resid", "paper_a_resid_ablations", "paper_a_mlp", "paper_b")
 SEED = re.compile(r"_s(\d+)$")
+PAPER_B_NAME = re.compile(r"^(topk|gsae)_k(\d+)(?:_beta([\d.]+))?_s(\d+)$")  # configs/results/paper_b.toml
 POINT_COLUMNS = [("l0", "L0", "{:.1f}"), ("delta_ce", "delta-CE (nats)", "{:.3f}"), ("kl_div", "KL", "{:.3f}"),
                  ("loss_recovered_mean", "LR (mean abl.)", "{:.3f}"), ("loss_recovered_zero", "LR (zero abl.)", "{:.3f}"),
                  ("fvu", "FVU", "{:.3f}"), ("gamma_centered", "gamma (centred)", "{:.3f}"),
@@ -127,6 +132,135 @@ def ablation_table(rows, reference) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------------------- paper B
+def paper_b_groups(rows) -> dict[tuple, list[dict]]:
+    """(family "topk"/"gsae", k, beta or None for the main beta) -> the rows of its seeds."""
+    groups = defaultdict(list)
+    for r in rows:
+        family, k, beta, _ = PAPER_B_NAME.match(r["name"]).groups()
+        groups[(family, int(k), float(beta) if beta else None)].append(r)
+    return dict(groups)
+
+
+def paper_b_point_table(groups) -> str:
+    columns = [("l0", "L0", "{:.1f}"), ("l_added", "L_added", "{:.4f}"), ("delta_ce", "delta-CE (nats)", "{:.3f}"),
+               ("kl_div", "KL", "{:.3f}"), ("loss_recovered_mean", "LR (mean abl.)", "{:.3f}"),
+               ("nmse", "NMSE", "{:.3f}"), ("fvu", "FVU", "{:.3f}"), ("dead_fraction", "dead", "{:.3f}")]
+    lines = ["| SAE | k | beta | seeds | " + " | ".join(h for _, h, _ in columns) + " |",
+             "|---|---:|---:|---:|" + "---:|" * len(columns)]
+    for (family, k, beta), rs in sorted(groups.items(), key=lambda g: (g[0][0], g[0][1], g[0][2] or 1.0)):
+        name = {"topk": "TopK", "gsae": "g-SAE"}[family]
+        beta_cell = "-" if family == "topk" else f"{beta if beta is not None else 1.0:g}"
+        cells = [spread([r[key] for r in rs], fmt) for key, _, fmt in columns]
+        lines.append(f"| {name} | {k} | {beta_cell} | {len(rs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def paired_l_added(groups) -> str:
+    """g-SAE minus TopK at each k on the same held-out contexts (seeds averaged per context), with a paired BCa
+    interval over contexts: the comparison paper B draws, with its uncertainty."""
+    lines = ["| k | L_added TopK | L_added g-SAE | g-SAE - TopK [95% CI] | g-SAE / TopK [95% CI] |",
+             "|---:|---:|---:|---:|---:|"]
+    for k in sorted({k for (_, k, beta) in groups if beta is None}):
+        topk, gsae = groups.get(("topk", k, None)), groups.get(("gsae", k, None))
+        if not topk or not gsae:
+            continue
+        clean = np.asarray(topk[0]["per_context"]["ce_clean"])
+        arrays = {"clean": clean,
+                  "topk": np.mean([r["per_context"]["ce_spliced"] for r in topk], axis=0),
+                  "gsae": np.mean([r["per_context"]["ce_spliced"] for r in gsae], axis=0)}
+
+        def statistic(m):
+            t, g = (m["topk"] - m["clean"]) / m["clean"], (m["gsae"] - m["clean"]) / m["clean"]
+            return {"t": t, "g": g, "diff": g - t, "ratio": g / t}
+        point = statistic({key: a.mean() for key, a in arrays.items()})
+        ci = context_bootstrap_ci(arrays, statistic, resamples=2000)
+        lines.append(f"| {k} | {point['t']:.4f} | {point['g']:.4f} | {point['diff']:+.4f} "
+                     f"[{ci['diff'][0]:+.4f}, {ci['diff'][1]:+.4f}] | {point['ratio']:.3f} "
+                     f"[{ci['ratio'][0]:.3f}, {ci['ratio'][1]:.3f}] |")
+    return "\n".join(lines)
+
+
+def mean_ci(values) -> str:
+    values = np.asarray(values, dtype=np.float64)
+    if values.size < 2:
+        return f"{values.mean():.4f}"
+    ci = stats.bootstrap((values,), np.mean, n_resamples=2000, method="BCa", rng=np.random.default_rng(0))
+    return f"{values.mean():.4f} [{ci.confidence_interval.low:.4f}, {ci.confidence_interval.high:.4f}]"
+
+
+def steering_table(groups) -> str:
+    """Per family and push size: the per-latent changes pooled over every k and seed (latents sampled per SAE),
+    with a BCa interval over latents."""
+    pooled = defaultdict(lambda: defaultdict(lambda: ([], [])))
+    unit = None
+    for (family, k, beta), rs in groups.items():
+        if beta is not None:
+            continue
+        for r in rs:
+            steer = r.get("steering") or {}
+            for scale, point in zip(steer.get("alpha_scales", []), steer.get("sweep", [])):
+                on, off = pooled[family][scale]
+                on.extend(point["on_target"])
+                off.extend(point["off_target_added"])
+                unit = steer["alpha_unit"]
+    if not pooled:
+        return "(no steering measurement in this run)"
+    lines = [f"alpha in units of the RMS centred norm at the site ({unit:.1f}); per position, mean over latents "
+             "[95% CI over latents]:\n",
+             "| SAE | alpha | latents | on-target change | added to other tokens | on-target / added |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for family in ("topk", "gsae"):
+        for scale, (on, off) in sorted(pooled[family].items()):
+            ratio = np.mean(on) / np.mean(off) if np.mean(off) > 0 else float("nan")
+            lines.append(f"| {dict(topk='TopK', gsae='g-SAE')[family]} | {scale:g} | {len(on)} | {mean_ci(on)} | "
+                         f"{mean_ci(off)} | {ratio:.3f} |")
+    lines += ["", "g-SAE over TopK, ratio of the mean per-latent change [95% CI, latents resampled within each family]:",
+              "", "| alpha | on-target g-SAE / TopK | added to other tokens g-SAE / TopK |", "|---:|---:|---:|"]
+    for scale in sorted(set(pooled["topk"]) & set(pooled["gsae"])):
+        cells = [ratio_ci(pooled["gsae"][scale][i], pooled["topk"][scale][i]) for i in (0, 1)]
+        lines.append(f"| {scale:g} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
+
+
+def ratio_ci(a, b) -> str:
+    """mean(a) / mean(b) with a BCa interval from resampling a and b independently (different latents)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    ci = stats.bootstrap((a, b), lambda x, y, axis=-1: x.mean(axis=axis) / y.mean(axis=axis), n_resamples=2000,
+                         method="BCa", vectorized=True, paired=False, rng=np.random.default_rng(0))
+    return f"{a.mean() / b.mean():.3f} [{ci.confidence_interval.low:.3f}, {ci.confidence_interval.high:.3f}]"
+
+
+def analyses_table(groups) -> str:
+    """Paper B's decoder analyses at each k (seeds averaged): mean max cosine to another decoder row, and the mean
+    |directional derivative| of the loss along decoder rows against random and covariance-matched directions."""
+    lines = ["| SAE | k | decoder max cos (mean) | abs. dir. derivative: decoder | random | covariance-matched |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for (family, k, beta), rs in sorted(groups.items(), key=lambda g: (g[0][0], g[0][1], g[0][2] or 1.0)):
+        if beta is not None or "decoder_max_cos" not in rs[0]:
+            continue
+        dd = [r["directional_derivative"] for r in rs]
+        lines.append(f"| {dict(topk='TopK', gsae='g-SAE')[family]} | {k} | "
+                     f"{spread([r['decoder_max_cos']['mean'] for r in rs], '{:.3f}')} | "
+                     + " | ".join(spread([d[key] for d in dd], "{:.3g}")
+                                  for key in ("decoder", "random", "covariance_matched")) + " |")
+    return "\n".join(lines)
+
+
+def paper_b(sweep) -> None:
+    groups = paper_b_groups(sweep["results"])
+    print("Per point (mean over seeds, min-max across seeds in brackets; beta 1 is the main g-SAE setting):\n")
+    print(paper_b_point_table(groups) + "\n")
+    print("Paired over the same held-out contexts (seeds averaged per context):\n")
+    print(paired_l_added(groups) + "\n")
+    print("PCA reference (rank-k reconstruction spliced in at the same site):\n")
+    print(pca_lines(sweep["pca_reference"]) + "\n")
+    print("Steering with single latents (paper B §4.2):\n")
+    print(steering_table(groups) + "\n")
+    print("Decoder analyses (paper B §4.3-4.4):\n")
+    print(analyses_table(groups) + "\n")
+
+
 def main() -> None:
     for run in RUNS:
         path = ROOT / run / "sweep.json"
@@ -139,6 +273,11 @@ def main() -> None:
               f"({sweep['precision']['dtype']}); "
               f"clean CE {r0['ce_clean']:.3f}, zero-ablation CE {r0['ce_zero_ablation']:.3f}, mean-ablation CE "
               f"{r0['ce_mean_ablation']:.3f}\n")
+        if run == "paper_b":
+            paper_b(sweep)
+            print("Per SAE, with 95% bootstrap intervals over held-out contexts:\n")
+            print(ci_table(rows) + "\n")
+            continue
         print("Per point (mean over seeds, min-max across seeds in brackets):\n")
         print(point_table(rows) + "\n")
         print("Per SAE, with 95% bootstrap intervals over held-out contexts:\n")

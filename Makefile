@@ -19,8 +19,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/saeforge demo
 
+PEERS := benchmarks/.venv-peers
+
 test: $(STAMP)
 	$(PY) -m pytest -q -ra
+	# saeforge <-> SAELens against the real sae-lens, in its own venv (it cannot share ours: see peer_venv.py)
+	$(PY) benchmarks/peer_venv.py --venv $(PEERS) --extra pytest
+	PYTHONPATH=src $(PEERS)/bin/python -m pytest -q -ra -p no:cacheprovider tests/interop/test_saelens_real.py
 
 clean:
 	rm -rf $(VENV) runs out

@@ -52,6 +52,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "peers"))
 from cache_batches import load_cache_rows, read_manifest, sample_rows  # noqa: E402
+from peer_venv import ensure_peer_venv  # noqa: E402  (benchmarks/ is the script's own directory)
 
 PEER_TRAIN_SCRIPT = HERE / "peers" / "saelens_train.py"
 SAEFORGE_NAME = "saeforge_relu"
@@ -61,56 +62,6 @@ L0_SAMPLE_SEED = 12345
 
 def log(message: str) -> None:
     print(f"[peer_quality] {message}", file=sys.stderr, flush=True)
-
-
-# ------------------------------------------------------------------------------------------------ the peer's venv
-def run_timed(cmd: list[str], steps: list[dict], what: str) -> None:
-    log(f"{what}: {' '.join(cmd)}")
-    t0 = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    steps.append({"step": what, "command": " ".join(cmd), "seconds": round(time.perf_counter() - t0, 1),
-                  "rc": done.returncode})
-    if done.returncode != 0:
-        raise RuntimeError(f"{what} failed (rc {done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-
-
-def peer_imports(python: Path) -> dict | None:
-    """Versions of sae_lens and torch in the peer venv, and whether torchvision is there; None when sae_lens does
-    not import."""
-    code = ("import json, importlib.util, torch, sae_lens; print(json.dumps({'sae_lens': sae_lens.__version__, "
-            "'torch': torch.__version__, 'torchvision': importlib.util.find_spec('torchvision') is not None}))")
-    if not python.exists():
-        return None
-    done = subprocess.run([str(python), "-c", code], capture_output=True, text=True)
-    if done.returncode != 0:
-        return None
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def ensure_peer_venv(venv: Path, peer_spec: str) -> dict:
-    """The peer's own venv with the CPU build of saeforge's torch version, then the peer; torchvision removed
-    (sae-lens can pull a CUDA torchvision wheel that breaks `import sae_lens` beside the CPU torch)."""
-    python = venv / "bin" / "python"
-    found = peer_imports(python)
-    if found is not None and not found["torchvision"]:
-        return {"created": False, "venv": str(venv), **found}
-    steps: list[dict] = []
-    t0 = time.perf_counter()
-    if not python.exists():
-        base = getattr(sys, "_base_executable", None) or sys.executable
-        run_timed([base, "-m", "venv", str(venv)], steps, "create venv")
-    pip = [str(python), "-m", "pip", "install", "--quiet"]
-    torch_pin = f"torch=={torch.__version__.split('+')[0]}"
-    run_timed(pip + [torch_pin], steps, f"install {torch_pin} (CPU build first, so nothing pulls the CUDA one)")
-    run_timed(pip + [peer_spec], steps, f"install {peer_spec}")
-    found = peer_imports(python)
-    if found is None or found["torchvision"]:
-        run_timed([str(python), "-m", "pip", "uninstall", "--yes", "torchvision"], steps, "remove torchvision")
-        found = peer_imports(python)
-    if found is None:
-        raise RuntimeError(f"`import sae_lens` fails in {venv} after installing {peer_spec}")
-    return {"created": True, "venv": str(venv), "steps": steps, "seconds": round(time.perf_counter() - t0, 1),
-            **found}
 
 
 # ------------------------------------------------------------------------------------------------ L0 and search

@@ -109,12 +109,46 @@ def write_json(path: Path, payload: dict) -> Path:
 
 
 def run_command(name: str, run, debug: bool = False) -> None:
-    """Call `run()`; an error the user can fix ends the process with one message and exit code 2."""
+    """Call `run()`; an error the user can fix ends the process with one message and exit code 2.
+
+    In a torchrun job of several processes every message names the rank that printed it, a bug's traceback is
+    announced with its rank, and a rank that only lost its peers (torch.distributed's DistError, raised when another
+    rank died during a collective; distributed.CollectiveError) says so, so the rank that failed first is the one whose
+    message says why."""
     try:
         run()
     except (UserError, OSError, UnicodeDecodeError) as e:
         if debug:
             raise
         message = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
-        print(f"saeforge {name}: error: {message}", file=sys.stderr)
+        print(f"saeforge {name}: error{_rank_label()}: {message}", file=sys.stderr)
         raise SystemExit(2) from None
+    except Exception as e:
+        label = _rank_label()
+        if not label:
+            raise
+        if _lost_peers(e):
+            print(f"saeforge {name}: stopped{label}: a collective with the other ranks failed, most likely because "
+                  f"another rank stopped (its message says why): {e}", file=sys.stderr)
+            if debug:
+                raise
+            raise SystemExit(1) from None
+        print(f"saeforge {name}: error{label}: an unexpected {type(e).__name__} (traceback below)", file=sys.stderr)
+        raise
+
+
+def _rank_label() -> str:
+    from saeforge.training.distributed import rank_label  # only when reporting an error
+
+    return rank_label()
+
+
+def _lost_peers(e: BaseException) -> bool:
+    """Whether `e` says that a collective failed (a peer died, a connection closed)."""
+    from saeforge.training.distributed import CollectiveError
+
+    try:
+        from torch.distributed import DistError
+    except ImportError:
+        return isinstance(e, CollectiveError)
+    return isinstance(e, (CollectiveError, DistError))

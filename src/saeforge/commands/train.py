@@ -10,6 +10,7 @@ from tyro.conf import Positional
 
 from saeforge.config import ConfigError, load_config
 from saeforge.training import Trainer
+from saeforge.training.distributed import process_group
 
 
 def train_command(
@@ -21,7 +22,8 @@ def train_command(
     device: Optional[str] = None,
     progress: bool = True,
 ) -> None:
-    """Train the SAEs of a TOML run file on one activation stream.
+    """Train the SAEs of a TOML run file on one activation stream. Under torchrun, data-parallel over its processes
+    (train.batch_size is the global batch; README "Scaling out").
 
     Args:
         config: the run file ([model], [data], [train], [[sae]] tables).
@@ -39,7 +41,13 @@ def train_command(
             cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **overrides))
         except ConfigError as e:
             raise ConfigError(f"command line (--out-dir, --tokens, --device): {e}") from e
-    result = Trainer(cfg, progress=progress).run(resume=resume, overwrite=overwrite)
-    print(f"trained {result.steps} steps ({result.tokens_seen:,} tokens); SAEs:")
-    for name, path in result.sae_dirs.items():
-        print(f"  {name}: {path}")
+    # Under torchrun (`torchrun --nproc-per-node N -m saeforge train RUN.toml`) each process is one rank of a
+    # data-parallel run (training/distributed.py); without it, dist is None and this is one process.
+    with process_group(cfg.train.device or cfg.model.device) as dist:
+        result = Trainer(cfg, progress=progress, dist=dist).run(resume=resume, overwrite=overwrite)
+        if dist is not None and not dist.is_main:
+            return
+        ranks = f" on {dist.world_size} ranks" if dist is not None else ""
+        print(f"trained {result.steps} steps ({result.tokens_seen:,} tokens){ranks}; SAEs:")
+        for name, path in result.sae_dirs.items():
+            print(f"  {name}: {path}")

@@ -16,6 +16,10 @@ anything is trained on it: the manifest's seal, that its token count is the sum 
 positive number, and every shard's presence, exact size (bytes appended are refused too), dtype, shape and sha256.
 It refuses, by name, whatever fails, and a manifest for another model, site or split. A shard is checked against its
 sha256 again whenever it is read.
+
+A harvest of several ranks (torchrun) writes one cache: each rank writes its own shards (`shard_rR_NNNNN`), and when
+all have finished rank 0 writes the one manifest (`write_manifest`), its shards interleaved across the ranks and its
+scale from every rank's rows; its `ranks` field records how many wrote it. It reads like any other cache.
 """
 
 from __future__ import annotations
@@ -59,30 +63,40 @@ def seal_manifest(manifest: dict) -> dict:
     return {**manifest, "manifest_sha256": manifest_checksum(manifest)}
 
 
-class CacheWriter:
-    """Accumulates activation rows and writes them as fixed-size shards; `finish` writes the manifest."""
+def remove_cache(directory: Union[str, Path]) -> None:
+    """Remove the cache in `directory` (its manifest first, so there is never a manifest naming shards that a new
+    harvest overwrites; then its shards)."""
+    directory = Path(directory)
+    manifest = directory / MANIFEST
+    if manifest.exists():
+        manifest.unlink()
+    for old in directory.glob("shard_*.safetensors*"):
+        old.unlink()
 
-    def __init__(self, out_dir: Union[str, Path], *, dtype: str, shard_tokens: int, grad: bool):
+
+class CacheWriter:
+    """Accumulates activation rows and writes them as fixed-size shards; `finish` writes the manifest.
+
+    prefix: the shards' file names begin with it (a rank of a harvest of several writes "shard_r{rank}_").
+    clean: remove a previous cache in out_dir first (a rank of several leaves that to rank 0, before any writes)."""
+
+    def __init__(self, out_dir: Union[str, Path], *, dtype: str, shard_tokens: int, grad: bool,
+                 prefix: str = "shard_", clean: bool = True):
         if dtype not in DTYPES:
             raise ValueError(f"cache dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         if shard_tokens < 1:
             raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
+        if not prefix.startswith("shard_"):
+            raise ValueError(f"shard file names begin with 'shard_', got prefix {prefix!r}")
         self.dir = Path(out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.dtype, self.shard_tokens, self.grad = dtype, shard_tokens, grad
-        self._remove_previous_cache()
+        self.dtype, self.shard_tokens, self.grad, self.prefix = dtype, shard_tokens, grad, prefix
+        if clean:
+            remove_cache(self.dir)
         self.shards: list[dict] = []
         self.tokens = 0
         self._pending: list[tuple[torch.Tensor, Optional[torch.Tensor]]] = []
         self._pending_tokens = 0
-
-    def _remove_previous_cache(self) -> None:
-        # The old manifest goes first, so there is never a manifest naming shards this harvest overwrites.
-        manifest = self.dir / MANIFEST
-        if manifest.exists():
-            manifest.unlink()
-        for old in self.dir.glob("shard_*.safetensors*"):
-            old.unlink()
 
     def add(self, x: torch.Tensor, grad: Optional[torch.Tensor] = None) -> None:
         if self.grad and grad is None:
@@ -102,23 +116,34 @@ class CacheWriter:
         if g is not None:
             tensors["grad"] = g[:n].to(DTYPES[self.dtype]).contiguous()
         data = save_safetensors_bytes(tensors)
-        name = f"shard_{len(self.shards):05d}.safetensors"
+        name = f"{self.prefix}{len(self.shards):05d}.safetensors"
         write_atomic(self.dir / name, data)
         self.shards.append({"file": name, "tokens": n, "sha256": hashlib.sha256(data).hexdigest()})
         self.tokens += n
 
-    def finish(self, **metadata: Any) -> dict:
-        """Write what is left as a last shard, then the manifest (atomically); return the manifest."""
+    def close(self) -> list[dict]:
+        """Write what is left as a last shard; return the shards written ({"file", "tokens", "sha256"} each)."""
         if self._pending_tokens:
             self._flush(self._pending_tokens)
-        if not self.shards:
+        return list(self.shards)
+
+    def finish(self, **metadata: Any) -> dict:
+        """Write what is left as a last shard, then the manifest (atomically); return the manifest."""
+        shards = self.close()
+        if not shards:
             raise ValueError("no activations were written: the text source produced no tokens")
-        manifest = seal_manifest({
-            "format": CACHE_FORMAT, "version": 1, **metadata, "dtype": self.dtype, "grad": self.grad,
-            "tokens": self.tokens, "shards": self.shards,
-        })
-        write_atomic(self.dir / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
-        return manifest
+        return write_manifest(self.dir, dtype=self.dtype, grad=self.grad, shards=shards, **metadata)
+
+
+def write_manifest(directory: Union[str, Path], *, dtype: str, grad: bool, shards: list[dict],
+                   **metadata: Any) -> dict:
+    """Write (atomically) and return the sealed manifest of a cache whose shards are written."""
+    manifest = seal_manifest({
+        "format": CACHE_FORMAT, "version": 1, **metadata, "dtype": dtype, "grad": grad,
+        "tokens": sum(s["tokens"] for s in shards), "shards": shards,
+    })
+    write_atomic(Path(directory) / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+    return manifest
 
 
 def _read_header(path: Path) -> tuple[dict, int]:

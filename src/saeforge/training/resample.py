@@ -77,23 +77,38 @@ def resample_dead_latents(
     loss_power: float = 2.0,
 ) -> tuple[torch.Tensor, float]:
     """Resample the latents where `dead` [d_sae] is True from `inputs` [n, d_in]; returns their indices and the
-    effective sample size of the draw weights (nan when nothing was resampled)."""
+    effective sample size of the draw weights (nan when nothing was resampled). The two halves, drawing and applying,
+    are also used apart: under data parallelism rank 0 draws and every rank applies (sae_run.SAERun.resample_now)."""
     idx = dead.nonzero().squeeze(1)
     if idx.numel() == 0 or inputs.shape[0] == 0:
         return idx[:0], float("nan")
+    drawn, ess = draw_resample_inputs(sae, idx.numel(), inputs, generator, chunk=chunk, loss_power=loss_power)
+    apply_resample(sae, optimizer, idx, inputs[drawn.to(inputs.device)])
+    return idx, ess
+
+
+@torch.no_grad()
+def draw_resample_inputs(sae, n: int, inputs: torch.Tensor, generator: torch.Generator, *, chunk: int,
+                         loss_power: float) -> tuple[torch.Tensor, float]:
+    """Draw n rows of `inputs` with probability ~ loss^p; returns their indices (int64, CPU) and the effective sample
+    size of the draw weights."""
     weights = per_token_loss(sae, inputs, chunk).double().cpu().pow(loss_power)  # probability ~ loss^p
     if not torch.isfinite(weights).all() or weights.sum() <= 0:
         weights = torch.ones_like(weights)  # a perfect (or broken) reconstruction: draw uniformly
     ess = effective_sample_size(weights)
-    replacement = idx.numel() > int((weights > 0).sum())
-    drawn = torch.multinomial(weights, idx.numel(), replacement=replacement, generator=generator)
-    chosen = inputs[drawn.to(inputs.device)]
+    replacement = n > int((weights > 0).sum())
+    return torch.multinomial(weights, n, replacement=replacement, generator=generator), ess
+
+
+@torch.no_grad()
+def apply_resample(sae, optimizer: ConstrainedAdam, idx: torch.Tensor, chosen: torch.Tensor) -> None:
+    """Give latents `idx` the drawn inputs `chosen` [len(idx), d_in] (their centred directions) and reset their
+    Adam moments."""
     sae.resample_latents(idx, chosen - sae.b_dec.detach().to(chosen.dtype))  # the centred direction x - b_dec
     params = dict(sae.named_parameters())
     for name, dim in sae.latent_params().items():
         if name in params:
             optimizer.reset_rows(params[name], idx, dim)
-    return idx, ess
 
 
 def effective_sample_size(weights: torch.Tensor) -> float:

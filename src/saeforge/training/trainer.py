@@ -7,14 +7,17 @@ train.normalize = "uncentered") and are saved with c folded in. Outlier tokens t
 the threshold (raw units) is saved as cfg.json's saeforge.max_input_norm. Lambda is fixed, or steered to an L0
 target (l0_target.py); every few hundred steps each SAE's MSE on fixed training and held-out samples is logged.
 
-Data parallelism (torchrun) drops in at three places: the stream reads its rank's share (`rank`, `world_size`),
-`SAERun.step` all-reduces gradients before the optimizer step, and the firing trackers reduce across ranks before
-resampling. Only rank 0 would write checkpoints, logs and SAEs.
+Data parallelism (torchrun; training/distributed.py says what each rank reads and what is kept identical): given a
+`Distributed`, the stream reads this rank's share (train.batch_size / world_size rows a step), each `SAERun` sums
+gradients, firing counts and buffers across the ranks before its optimizer step, b_dec's initialisation and
+resampling are decided on rank 0 and broadcast, and only rank 0 writes checkpoints (holding every rank's stream
+position), logs and SAEs. Without one, nothing of this runs.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -33,7 +36,9 @@ from saeforge.errors import UserError
 from saeforge.files import check_writable_dir
 from saeforge.models.precision import choose_precision
 from saeforge.saes import REGISTRY, architecture_class
-from saeforge.training.checkpoint import latest_checkpoint, load_newest_good_checkpoint, save_checkpoint
+from saeforge.training.checkpoint import (CheckpointError, latest_checkpoint, load_newest_good_checkpoint,
+                                         save_checkpoint, step_dir_name)
+from saeforge.training.distributed import Distributed, ReplicaSync, check_replicas
 from saeforge.training.memory import keep_freed_memory
 from saeforge.training.monitor import Monitor, summary_table
 from saeforge.training.resample import per_token_loss
@@ -108,18 +113,28 @@ class Trainer:
 
     lm: an already loaded `saeforge.models.LanguageModel` (else the stream loads cfg.model, or reads the cache).
     stream: any object with the activation-stream interface (`saeforge.data.open_stream`,
-    `saeforge.training.SyntheticStream`); it must be positioned at its start unless resuming.
+    `saeforge.training.SyntheticStream`); it must be positioned at its start unless resuming. Under data
+    parallelism it must be this rank's stream, yielding train.batch_size / world_size rows a batch.
+    dist: a `distributed.Distributed` when the run is one rank of a torchrun job (None: a single process).
     """
 
-    def __init__(self, cfg: RunConfig, *, lm=None, stream=None, progress: bool = True):
-        self.cfg, self.lm, self.progress = cfg, lm, progress
+    def __init__(self, cfg: RunConfig, *, lm=None, stream=None, progress: bool = True,
+                 dist: Optional[Distributed] = None):
+        self.cfg, self.lm, self.dist = cfg, lm, dist
+        self.is_main = dist is None or dist.is_main
+        self.progress = progress and self.is_main
         self.out_dir = Path(cfg.train.out_dir)
         self.checkpoint_dir = self.out_dir / "checkpoints"
-        self.device = torch.device(cfg.train.device or cfg.model.device)
+        device = cfg.train.device or cfg.model.device
+        self.device = dist.place(device) if dist is not None else torch.device(device)
         if self.device.type == "cpu" and cfg.train.keep_freed_memory:
             keep_freed_memory()
         self.compute_precision = choose_precision(cfg.train.compute_dtype, self.device)
-        self.rank, self.world_size = 0, 1
+        self.rank, self.world_size = (dist.rank, dist.world_size) if dist is not None else (0, 1)
+        if cfg.train.batch_size % self.world_size:
+            raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is the global batch, split evenly over the "
+                              f"{self.world_size} ranks, so it must be a multiple of {self.world_size}")
+        self.local_batch_size = cfg.train.batch_size // self.world_size
         for index, spec in enumerate(cfg.sae):
             cls = architecture_class(spec.architecture)
             if not cls.trainable:
@@ -146,17 +161,27 @@ class Trainer:
         if self.stream is None:
             from saeforge.data import open_stream
 
-            self.stream = open_stream(self.cfg.model, self.cfg.data, self.cfg.train.batch_size, lm=self.lm,
+            model = self.cfg.model
+            if self.dist is not None:  # the LM of this rank on its own GPU
+                model = dataclasses.replace(model, device=str(self.dist.place(model.device)))
+            self.stream = open_stream(model, self.cfg.data, self.local_batch_size, lm=self.lm,
                                       grad=self.needs_grad, seed=self.cfg.train.seed, rank=self.rank,
                                       world_size=self.world_size, split="train", progress=self.progress)
+        rows = getattr(self.stream, "batch_size", self.local_batch_size)
+        if self.dist is not None and rows != self.local_batch_size:
+            raise ConfigError(f"the activation stream of rank {self.rank} yields batches of {rows} rows, but each of "
+                              f"the {self.world_size} ranks takes train.batch_size / {self.world_size} = "
+                              f"{self.local_batch_size}")
         self.stats = self.stream.activation_stats()
         try:
             self.scale = float(self.stats.scale(self.cfg.train.normalize))
         except ValueError as e:
             raise TrainingError(f"the activation statistics cannot normalise the data: {e}") from e
+        if self.dist is not None:  # every rank trains on c x with rank 0's c
+            self.scale = self.dist.broadcast_float(self.scale)
         if not (math.isfinite(self.scale) and self.scale > 0):
             raise TrainingError(f"the stream's activation scale is {self.scale}; it must be a positive number")
-        if self.stats.max_input_norm is not None:
+        if self.stats.max_input_norm is not None and self.is_main:
             print(f"note: tokens with raw norm above {self.stats.max_input_norm:.6g} ({self.cfg.data.max_norm_ratio:g}x "
                   f"the median {self.stats.median_norm:.6g}) are left out of training as outliers: "
                   f"{self.stats.excluded} of the {self.stats.excluded + self.stats.tokens:,} tokens of the statistics "
@@ -188,6 +213,8 @@ class Trainer:
                 resample=train.resample if spec.resample is None else spec.resample,
                 seed=_seed_for(train.seed + 1, name), compute_dtype=self.compute_precision.dtype,
             )
+            if self.dist is not None:
+                self.runs[name].sync = ReplicaSync(self.dist, sae, self.runs[name].params)
 
     def _model_name(self) -> str:
         """The LM's own name: of the LM passed in, else the one the stream loaded or the cache recorded, else the
@@ -234,8 +261,21 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore a checkpoint's state. Under data parallelism every rank is given the whole state and takes its
+        own stream position from it."""
         if state.get("format") != CHECKPOINT_FORMAT:
             raise TrainingError(f"checkpoint format {state.get('format')!r} is not {CHECKPOINT_FORMAT}")
+        ranks = int(state.get("distributed", {}).get("world_size", 1))
+        if ranks != self.world_size:
+            def run_of(n):
+                return "one process" if n == 1 else f"{n} ranks (torchrun, world size {n})"
+            raise TrainingError(
+                f"the checkpoint was written by a run of {run_of(ranks)}, and this run has "
+                f"{run_of(self.world_size)}; each rank resumes its own share of the data, so resume with a world size "
+                f"of {ranks} "
+                + ("(run without torchrun, or with one process)" if ranks == 1 else
+                   f"(torchrun --nnodes M --nproc-per-node P with M x P = {ranks})")
+                + ", or start a new out_dir")
         mine = json.loads(json.dumps(_fingerprint(self.cfg)))
         if state["config"] != mine:
             diff = sorted(k for k in mine if mine[k] != state["config"].get(k))
@@ -244,7 +284,8 @@ class Trainer:
         if set(state["saes"]) != set(self.runs):
             raise TrainingError(f"the checkpoint holds SAEs {sorted(state['saes'])}, the config {sorted(self.runs)}")
         self.step = int(state["step"])
-        self.stream.load_state_dict(state["stream"])
+        self.stream.load_state_dict(state["distributed"]["streams"][self.rank] if self.dist is not None
+                                    else state["stream"])
         torch.set_rng_state(state["rng"]["torch"])
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
@@ -253,7 +294,18 @@ class Trainer:
         self.resamples = list(state["resamples"])
 
     def save_checkpoint(self) -> Path:
-        return save_checkpoint(self.checkpoint_dir, self.step, self.state_dict(), keep=self.cfg.train.keep_checkpoints)
+        """Write a checkpoint of the current step. Under data parallelism every rank calls it: rank 0 writes it, with
+        every rank's stream position, after checking that the ranks hold identical SAEs."""
+        if self.dist is None:
+            return save_checkpoint(self.checkpoint_dir, self.step, self.state_dict(),
+                                   keep=self.cfg.train.keep_checkpoints)
+        check_replicas(self.dist, self.runs, self.step)
+        streams = self.dist.all_gather_json(self.stream.state_dict())
+        if not self.is_main:
+            return self.checkpoint_dir / step_dir_name(self.step)
+        state = self.state_dict()
+        state["distributed"] = {"world_size": self.world_size, "streams": streams}
+        return save_checkpoint(self.checkpoint_dir, self.step, state, keep=self.cfg.train.keep_checkpoints)
 
     # ------------------------------------------------------------------------------------------------ training
     def prepare(self, resume: bool = False, *, overwrite: bool = False) -> None:
@@ -262,12 +314,7 @@ class Trainer:
         check_writable_dir(self.out_dir, "train.out_dir")
         if self.stream is None and not self.cfg.data.cache_dir:
             check_text_source(self.cfg.data.source, self.cfg.data.text_field)
-        existing = latest_checkpoint(self.checkpoint_dir)
-        if existing is not None and not resume:
-            if not overwrite:
-                raise TrainingError(f"{self.out_dir} already holds a checkpoint ({existing.name}); pass resume=True "
-                                    "(--resume) to continue it, or overwrite=True (--overwrite) to start again")
-            shutil.rmtree(self.checkpoint_dir)
+        existing = self._existing_checkpoint(resume, overwrite)
         stream = self._open_stream()
         if self.progress:
             lm = self._lm_precision()
@@ -275,11 +322,49 @@ class Trainer:
                   f"SAE products: {self.compute_precision.describe()}", file=sys.stderr)
         self._build_runs(int(stream.d_in))
         if resume and existing is not None:
-            path, _, state = load_newest_good_checkpoint(self.checkpoint_dir)
+            path, state = self._load_newest_checkpoint()
             self.load_state_dict(state)
-            print(f"resuming from {path} (step {self.step})", file=sys.stderr)
-        elif resume:
+            if self.is_main:
+                print(f"resuming from {path} (step {self.step})", file=sys.stderr)
+        elif resume and self.is_main:
             print(f"no checkpoint under {self.checkpoint_dir}; starting from the beginning", file=sys.stderr)
+
+    def _existing_checkpoint(self, resume: bool, overwrite: bool) -> Optional[str]:
+        """The checkpoint already under out_dir (removed with overwrite; refused without resume or overwrite).
+        Under data parallelism rank 0 looks and tells the others, so that every rank decides alike."""
+        existing, error = None, None
+        if self.is_main:
+            found = latest_checkpoint(self.checkpoint_dir)
+            if found is not None and not resume:
+                if not overwrite:
+                    error = (f"{self.out_dir} already holds a checkpoint ({found.name}); pass resume=True "
+                             "(--resume) to continue it, or overwrite=True (--overwrite) to start again")
+                else:
+                    shutil.rmtree(self.checkpoint_dir)
+                    found = None
+            existing = None if found is None else str(found)
+        if self.dist is not None:
+            existing, error = self.dist.broadcast_json([existing, error])
+        if error is not None:
+            raise TrainingError(error)
+        return existing
+
+    def _load_newest_checkpoint(self) -> tuple[Path, dict]:
+        """(path, state) of the newest good checkpoint; under data parallelism rank 0 reads it and broadcasts it."""
+        if self.dist is None:
+            path, _, state = load_newest_good_checkpoint(self.checkpoint_dir)
+            return path, state
+        path, error = None, None
+        if self.is_main:
+            try:
+                path, _, state = load_newest_good_checkpoint(self.checkpoint_dir)
+            except CheckpointError as e:
+                error = str(e)
+        path, error = self.dist.broadcast_json([None if path is None else str(path), error])
+        if error is not None:
+            raise CheckpointError(error)
+        state = self.dist.broadcast_state(state if self.is_main else None)
+        return Path(path), state
 
     def _scaled(self, batch: dict) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         x = batch["x"].to(self.device, torch.float32, non_blocking=True) * self.scale
@@ -326,30 +411,38 @@ class Trainer:
         """Draw fresh inputs (consumed from the stream, not trained on) and resample each SAE's dead latents."""
         t = self.cfg.train
         inputs = []
-        for _ in range(math.ceil(t.resample_sample_tokens / t.batch_size)):
+        draws = math.ceil(t.resample_sample_tokens / t.batch_size)
+        for _ in range(draws):
             try:
                 inputs.append(self._scaled(next(batches))[0])
             except StopIteration:
                 break
-        if not inputs:
+        if self.dist is not None:  # every rank's draws, in global batch order; the same sample on every rank
+            sample = self.dist.gather_batches(inputs, int(self.stream.d_in), count=draws)
+            if sample.shape[0] == 0:
+                return
+        elif not inputs:
             return
-        sample = torch.cat(inputs)
+        else:
+            sample = torch.cat(inputs)
         tokens = self.step * t.batch_size
         for name, run in self.runs.items():
             if run.resample:
                 n, ess = run.resample_now(sample, self.step, tokens)
                 self.resamples.append({"step": self.step, "sae": name, "n_resampled": n,
                                        "ess": ess if n else None})
-                if n:
+                if n and self.is_main:
                     monitor.event(self.step, f"resampled {n} dead latents of {name} (draw weights' effective "
                                              f"sample size {ess:.0f} of {sample.shape[0]} inputs)")
 
     def _log(self, monitor: Monitor, *, final: bool = False) -> dict[str, dict[str, float]]:
         tokens = self.step * self.cfg.train.batch_size
         metrics = {name: run.take_metrics(self.step, tokens) for name, run in self.runs.items()}
-        data = {"excluded_tokens": float(getattr(self.stream, "excluded_tokens", 0)),
+        data = {"excluded_tokens": float(self._excluded_tokens()),
                 "epoch": float(getattr(self.stream, "epoch", 0))}
         held_out = {}
+        if not self.is_main:  # every rank sums the metrics; rank 0 logs them
+            return metrics
         if self.heldout_samples is not None and (final or self.step - self._heldout_step >= self.plan.heldout_every):
             held_out = self._heldout_mse()
             self._heldout_step = self.step
@@ -359,9 +452,16 @@ class Trainer:
         monitor.log(self.step, metrics)
         return metrics
 
+    def _excluded_tokens(self) -> int:
+        """Outlier tokens left out of training so far (by every rank: under data parallelism a collective)."""
+        excluded = int(getattr(self.stream, "excluded_tokens", 0))
+        return excluded if self.dist is None else self.dist.sum_int(excluded)
+
     def _prepare_heldout(self) -> None:
-        """Fixed samples (scaled) of training and held-out activations for the train vs held-out MSE."""
+        """Fixed samples (scaled) of training and held-out activations for the train vs held-out MSE (rank 0)."""
         self.heldout_samples, self._heldout_step = None, self.step
+        if not self.is_main:
+            return
         n = self.cfg.train.heldout_tokens
         sample = getattr(self.stream, "heldout_sample", None)
         heldout = sample(n) if n > 0 and sample is not None else None
@@ -391,27 +491,39 @@ class Trainer:
         if not self.runs:
             self.prepare(resume, overwrite=overwrite)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "run_config.json").write_text(json.dumps(to_dict(self.cfg), indent=1))
+        if self.is_main:
+            (self.out_dir / "run_config.json").write_text(json.dumps(to_dict(self.cfg), indent=1))
         monitor = Monitor(total_steps=self.total_steps, start_step=self.step, batch_size=t.batch_size,
-                          log_dir=self.out_dir / "tensorboard" if t.tensorboard else None, out_dir=self.out_dir,
-                          wandb_project=t.wandb_project, run_name=self.out_dir.name, config=to_dict(self.cfg),
-                          progress=self.progress)
+                          log_dir=self.out_dir / "tensorboard" if t.tensorboard and self.is_main else None,
+                          out_dir=self.out_dir, wandb_project=t.wandb_project if self.is_main else None,
+                          run_name=self.out_dir.name, config=to_dict(self.cfg), progress=self.progress)
         batches = iter(self.stream)
         self._prepare_heldout()
         exhausted = False
         metrics: dict[str, dict[str, float]] = {}
         try:
             while self.step < self.total_steps:
-                try:
-                    batch = next(batches)
-                except StopIteration:
-                    exhausted = True
-                    break
-                x, grad = self._scaled(batch)
+                if self.dist is None:
+                    try:
+                        batch = next(batches)
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    x, grad = self._scaled(batch)
+                    global_rows = None
+                else:
+                    batch = next(batches, None)
+                    # The rows of the step over all ranks: a rank whose data ran out takes part with none, and the
+                    # run ends when every rank's has.
+                    global_rows = self.dist.sum_int(0 if batch is None else batch["x"].shape[0])
+                    if global_rows == 0:
+                        exhausted = True
+                        break
+                    x, grad = self._scaled(batch) if batch is not None else self._no_rows()
                 if self.step == 0:
                     self._init_b_dec(x)
                 tokens_after = (self.step + 1) * t.batch_size
-                losses = [run.step(x, grad, self.step, tokens_after) for run in self.runs.values()]
+                losses = [run.step(x, grad, self.step, tokens_after, global_rows) for run in self.runs.values()]
                 self._check_losses(losses)
                 self.step += 1
                 monitor.advance()
@@ -427,23 +539,33 @@ class Trainer:
             monitor.close()
         checkpoint = self.save_checkpoint()
         tokens = self.step * t.batch_size
-        if exhausted:
+        if exhausted and self.is_main:
             print(f"the data ran out after {tokens:,} tokens ({self.step} steps) of the {t.tokens:,} asked for; "
                   f"final checkpoint {checkpoint}", file=sys.stderr)
         self._last_metrics = metrics
-        sae_dirs = self.save_saes()
+        excluded = self._excluded_tokens()
+        if self.is_main:
+            sae_dirs = self.save_saes(excluded_tokens=excluded)
+        else:
+            sae_dirs = {name: self.out_dir / name for name in self.runs}
         rows = [{"name": name, "architecture": run.sae.architecture, "d_sae": run.sae.d_sae,
                  "setting": self._setting(run), **metrics.get(name, {}),
                  "dead_pct": 100 * metrics.get(name, {}).get("dead_frac", float("nan"))}
                 for name, run in self.runs.items()]
-        excluded = int(getattr(self.stream, "excluded_tokens", 0))
         if self.progress:
             print(summary_table(rows), file=sys.stderr)
             if self.stats.max_input_norm is not None:
                 print(f"outlier tokens left out of training: {excluded:,} (raw norm above "
                       f"{self.stats.max_input_norm:.6g})", file=sys.stderr)
+        if self.dist is not None:
+            self.dist.barrier()  # every rank returns once rank 0 has saved the SAEs
         return TrainResult(sae_dirs=sae_dirs, tokens_seen=tokens, steps=self.step, data_exhausted=exhausted,
                            metrics=metrics, resamples=list(self.resamples), excluded_tokens=excluded)
+
+    def _no_rows(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """An empty share of a step (this rank's data ran out before the others')."""
+        x = torch.empty(0, int(self.stream.d_in), device=self.device)
+        return x, (torch.empty_like(x) if self.needs_grad else None)
 
     @staticmethod
     def _setting(run: SAERun) -> str:
@@ -458,15 +580,21 @@ class Trainer:
     def _init_b_dec(self, x: torch.Tensor) -> None:
         """b_dec starts at the geometric median (or mean) of the first batch, as in Anthropic's and Gao et al.'s
         recipes; that batch is then trained on as usual."""
-        if self.cfg.train.b_dec_init != "zeros":
-            for run in self.runs.values():
-                if run.sae.b_dec.requires_grad:  # a frozen b_dec (rescale & shift) keeps the baseline's
+        if self.cfg.train.b_dec_init == "zeros":
+            return
+        if self.dist is not None:  # the first global batch; rank 0 computes, every rank takes its b_dec
+            x = self.dist.gather_batches([x], int(self.stream.d_in))
+        for run in self.runs.values():
+            if run.sae.b_dec.requires_grad:  # a frozen b_dec (rescale & shift) keeps the baseline's
+                if self.is_main:
                     run.sae.init_b_dec(x, method=self.cfg.train.b_dec_init)
+                if self.dist is not None:
+                    self.dist.broadcast_(run.sae.b_dec.data)
 
-    def _training_record(self, run: SAERun) -> dict[str, Any]:
+    def _training_record(self, run: SAERun, excluded_tokens: int) -> dict[str, Any]:
         """The facts of training cfg.json keeps beside lambda: L0 target and L0 reached, outliers, epochs, MSEs."""
         last = self._last_metrics.get(run.name, {})
-        record: dict[str, Any] = {"excluded_tokens": int(getattr(self.stream, "excluded_tokens", 0)),
+        record: dict[str, Any] = {"excluded_tokens": excluded_tokens,
                                   "last_epoch": int(getattr(self.stream, "epoch", 0)),  # 0 = the first
                                   "l0": last.get("l0"), "train_mse": last.get("train_mse"),
                                   "heldout_mse": last.get("heldout_mse")}
@@ -474,8 +602,11 @@ class Trainer:
             record.update(target_l0=run.l0_controller.target_l0, l0_ema_at_freeze=run.l0_controller.l0_ema)
         return record
 
-    def save_saes(self) -> dict[str, Path]:
-        """Each SAE to {out_dir}/{name}/ with the activation scale folded in and its firing counts."""
+    def save_saes(self, excluded_tokens: Optional[int] = None) -> dict[str, Path]:
+        """Each SAE to {out_dir}/{name}/ with the activation scale folded in and its firing counts.
+        excluded_tokens: the outlier tokens left out (by every rank); None = this process's stream's count."""
+        if excluded_tokens is None:
+            excluded_tokens = int(getattr(self.stream, "excluded_tokens", 0))
         dirs = {}
         meta = self._metadata()
         tokens = self.step * self.cfg.train.batch_size
@@ -484,7 +615,7 @@ class Trainer:
             sae.fold_activation_scale(self.scale)
             sae.cfg.update(meta)
             sae.cfg["training"] = {"tokens": tokens, "steps": self.step, "sparsity_coeff": run.sparsity_coeff,
-                                   "lr": run.lr_schedule.base, **self._training_record(run)}
+                                   "lr": run.lr_schedule.base, **self._training_record(run, excluded_tokens)}
             sae.cfg["saeforge"] = {
                 "max_input_norm": self.stats.max_input_norm,  # raw units; None: no token was left out
                 "normalization": {"mode": self.cfg.train.normalize, "scale": self.scale,

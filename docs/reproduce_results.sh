@@ -4,8 +4,8 @@
 # Measured on an Intel Xeon with native bf16 ("auto" picks bf16), one thread per job while other work shared the 2
 # cores: activation harvests about 1 minute each, the harvest with gradients 33 (a backward pass through the 262k-
 # vocabulary head per token); paper_a_resid 61 minutes (28 training, 33 evaluating 20 SAEs on 32k tokens), its
-# ablations 34, paper_a_mlp 108 (41 + 67, with two jobs and helpers sharing the cores), paper_b 38 training + about
-# 40 evaluating 23 SAEs on 16k tokens with steering. Under 6 hours in all, one job at a time; expect 2-3x that where
+# ablations 34, paper_a_mlp 108 (41 + 67, with two jobs and helpers sharing the cores), paper_b 100 (38 training +
+# 62 evaluating 23 SAEs on 16k tokens with steering). Under 6 hours in all, one job at a time; expect 2-3x that where
 # "auto" picks float32 (CPUs without native bf16).
 set -euo pipefail
 SAEFORGE="${SAEFORGE:-.venv/bin/saeforge}"

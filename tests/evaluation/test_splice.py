@@ -9,8 +9,9 @@ from stand_ins import AffineMap, random_contexts
 from saeforge import create_sae
 from saeforge.config import EvalConfig
 from saeforge.evaluation import evaluate_saes
-from saeforge.evaluation.splice import CleanDistribution, baseline_losses, splice_mask
+from saeforge.evaluation.splice import baseline_losses, splice_mask
 from saeforge.models import tiny_lm
+from saeforge.models.splice import CleanDistribution
 
 SITE = "blocks.1.resid_post"
 

@@ -40,7 +40,7 @@ def run(sae, x, grad=None):
 
 def test_registry_has_every_architecture():
     assert set(REGISTRY) == {"relu", "gated", "topk", "gradient_topk", "jumprelu", "batchtopk",
-                             "matryoshka_batchtopk"}
+                             "matryoshka_batchtopk", "e2e_topk"}
 
 
 def test_gated_reconstruction_term_gives_b_gate_no_gradient():

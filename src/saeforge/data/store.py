@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from saeforge.data.packing import source_contexts, training_mask
 
 STATE_FORMAT = "saeforge-activation-stream"
+CONTEXT_STATE_FORMAT = "saeforge-context-stream"
 SCALE_SAMPLE_TOKENS = 16384  # tokens used to estimate the activation statistics of a live stream
 
 
@@ -181,7 +182,8 @@ class LiveBlocks:
         self._contexts: Optional[Iterator[torch.Tensor]] = None
         self._position = 0  # contexts of this rank consumed from self._contexts
 
-    def _all_contexts(self) -> Iterator[torch.Tensor]:
+    def contexts(self) -> Iterator[torch.Tensor]:
+        """Every context of the source's split (all ranks'), in the seeded order."""
         return source_contexts(self.lm, self.cfg.source, self.split, self.cfg.context_len,
                                text_field=self.cfg.text_field, seed=self.seed)
 
@@ -189,7 +191,7 @@ class LiveBlocks:
         # Global context i belongs to rank i % world_size: ranks get disjoint, interleaved shares.
         target = index * self.contexts_per_block
         if self._contexts is None or self._position > target:
-            self._contexts = itertools.islice(self._all_contexts(), self.rank, None, self.world_size)
+            self._contexts = itertools.islice(self.contexts(), self.rank, None, self.world_size)
             self._position = 0
         skip = target - self._position
         contexts = list(itertools.islice(self._contexts, skip, skip + self.contexts_per_block))
@@ -219,7 +221,7 @@ class LiveBlocks:
             return None
 
     def _first_contexts_rows(self, n_contexts: int, description: str) -> torch.Tensor:
-        contexts = list(itertools.islice(self._all_contexts(), n_contexts))
+        contexts = list(itertools.islice(self.contexts(), n_contexts))
         if not contexts:
             raise ValueError(f"text source {self.cfg.source!r} ({self.split} split) is too short for one context")
         x, _ = capture_training_tokens(
@@ -366,8 +368,15 @@ class ActivationStream:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("format") != STATE_FORMAT or state.get("version") != 2:
-            raise ValueError(f"not an activation stream state of this version (format {state.get('format')!r}, "
+        self._check_resumable(state, STATE_FORMAT, 2)
+        self._block_index, self._offset = int(state["block"]), int(state["offset"])
+        self._excluded_before_block = int(state["excluded_before_block"])
+        self._block = None  # replayed on the next batch, which counts its outliers again
+
+    def _check_resumable(self, state: dict, state_format: str, version: int) -> None:
+        """Refuse a state of another kind or of a stream opened differently; take its token count and statistics."""
+        if state.get("format") != state_format or state.get("version") != version:
+            raise ValueError(f"not a {state_format} state of version {version} (format {state.get('format')!r}, "
                              f"version {state.get('version')!r})")
         saved = {**state["fingerprint"], "max_norm_ratio": state["max_norm_ratio"]}
         current = {**self.blocks.fingerprint, "max_norm_ratio": self.max_norm_ratio}
@@ -375,12 +384,61 @@ class ActivationStream:
         if differ:
             details = ", ".join(f"{k}: saved {saved.get(k)!r} vs now {current.get(k)!r}" for k in differ)
             raise ValueError(f"cannot resume the activation stream: it was opened differently ({details})")
-        self._block_index, self._offset = int(state["block"]), int(state["offset"])
         self.tokens_seen = int(state["tokens_seen"])
-        self._excluded_before_block = int(state["excluded_before_block"])
         if state["stats"] is not None:
             self._stats = ActivationStats.from_dict(state["stats"])
-        self._block = None  # replayed on the next batch, which counts its outliers again
+
+
+class ContextStream(ActivationStream):
+    """Batches of whole contexts, for SAEs whose loss runs the LM on from the site (SAE.needs_lm): each batch is the
+    next batch_size // context_len contexts of the source (its documents shuffled with the seed before packing;
+    tokens stay in their contexts, since a splice needs each context whole), run clean through the LM once:
+    {"x": raw site activations at the spliced positions [n, d] float32, "splice": the models.splice.SiteSplice that
+    runs replacements of them through the rest of the LM}. Statistics, outlier threshold and samples are the
+    activation stream's; outliers are not spliced (and not in x). The position is the number of contexts served,
+    so a resumed stream continues exactly."""
+
+    def __init__(self, blocks: LiveBlocks, batch_size: int, *, seed: int, max_norm_ratio: Optional[float] = None,
+                 heldout: Optional[Callable[[int], Optional[torch.Tensor]]] = None):
+        super().__init__(blocks, batch_size, seed=seed, rank=0, grad=False, max_norm_ratio=max_norm_ratio,
+                         heldout=heldout)
+        self.contexts_per_batch = max(1, batch_size // blocks.cfg.context_len)
+        self._contexts: Optional[Iterator[torch.Tensor]] = None
+        self._served = 0  # contexts
+        self._excluded = 0
+
+    @property
+    def excluded_tokens(self) -> int:
+        return self._excluded
+
+    def __next__(self) -> dict:
+        from saeforge.models.splice import SiteSplice
+
+        if self._contexts is None:
+            self._contexts = itertools.islice(self.blocks.contexts(), self._served, None)
+        contexts = list(itertools.islice(self._contexts, self.contexts_per_batch))
+        if not contexts:
+            raise StopIteration
+        lm, site = self.blocks.lm, self.blocks.site
+        tokens = torch.stack(contexts)
+        mask = training_mask(tokens, lm.bos_token_id, lm.pad_token_id, self.blocks.cfg.keep_bos)
+        splice = SiteSplice(lm, site, tokens, mask, self.max_input_norm)
+        _check_finite(splice.x, lm, site, "activations")
+        self._served += len(contexts)
+        self._excluded += int(mask.sum()) - int(splice.keep.sum())
+        x = splice.x.float()
+        self.tokens_seen += x.shape[0]
+        return {"x": x, "splice": splice}
+
+    def state_dict(self) -> dict:
+        return {"format": CONTEXT_STATE_FORMAT, "version": 1, "contexts": self._served, "tokens_seen": self.tokens_seen,
+                "excluded": self._excluded, "stats": self._stats.to_dict() if self._stats is not None else None,
+                "max_norm_ratio": self.max_norm_ratio, "fingerprint": self.blocks.fingerprint}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._check_resumable(state, CONTEXT_STATE_FORMAT, 1)
+        self._served, self._excluded = int(state["contexts"]), int(state["excluded"])
+        self._contexts = None
 
 
 def _block_seed(seed: int, rank: int, index: int) -> int:
@@ -400,14 +458,18 @@ def open_stream(
     world_size: int = 1,
     split: str = "train",
     progress: bool = False,
+    whole_contexts: bool = False,
 ) -> ActivationStream:
     """Open the activation stream at `model_cfg.site`: from `data_cfg.cache_dir` when set (read for up to
     `data_cfg.max_epochs` epochs), else from the live LM (`lm`, or loaded from `model_cfg`). Each rank of
     `world_size` reads a disjoint share. `progress`: show a tokens/s bar while the LM fills each shuffle buffer.
     Outliers are left out unless `data_cfg.keep_outliers`. The stream's held-out sample comes from
-    `data_cfg.heldout_cache_dir`, else (live LM, training split) from the LM's eval split."""
+    `data_cfg.heldout_cache_dir`, else (live LM, training split) from the LM's eval split.
+    whole_contexts: a `ContextStream` of the live LM (one process, no cache, no gradients) instead."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+    if whole_contexts and (data_cfg.cache_dir or grad or world_size > 1):
+        raise ValueError("a stream of whole contexts runs the live LM in one process: no cache_dir, grad or ranks")
     max_norm_ratio = None if data_cfg.keep_outliers else data_cfg.max_norm_ratio
     heldout = None
     if data_cfg.heldout_cache_dir:
@@ -433,6 +495,8 @@ def open_stream(
     if heldout is None and split == "train":
         heldout = LiveBlocks(lm, model_cfg.site, data_cfg, split="eval", seed=seed, rank=0, world_size=1,
                              grad=False).first_rows
+    if whole_contexts:
+        return ContextStream(blocks, batch_size, seed=seed, max_norm_ratio=max_norm_ratio, heldout=heldout)
     return ActivationStream(blocks, batch_size, seed=seed, rank=rank, grad=grad, max_norm_ratio=max_norm_ratio,
                             heldout=heldout)
 

@@ -64,17 +64,16 @@ from saeforge.evaluation.metrics import (
 )
 from saeforge.evaluation.pca import PrincipalSubspace
 from saeforge.evaluation.splice import (
-    CleanDistribution,
     SiteStats,
     ablated_context_losses,
     cache_entry,
     eval_set_digest,
     record_clean_loss,
-    replace_within,
     site_statistics,
     splice_mask,
 )
 from saeforge.evaluation.steering import steering_effects
+from saeforge.models.splice import CleanDistribution, replace_within
 from saeforge.saes.base import SAELoadError
 
 # Directions per set for the directional-derivative analysis (random sets, and decoder rows sampled when wider).

@@ -1,5 +1,6 @@
-"""Splicing into the language model: which positions get replaced, CE and KL from logits, and the clean and ablated
-losses of an evaluation set, computed once and cached per (model, site, tokens, keep_bos, max_norm).
+"""Splicing into the language model for evaluation: which positions get replaced, and the clean and ablated losses of
+an evaluation set, computed once and cached per (model, site, tokens, keep_bos, max_norm). The edits themselves and
+the clean distribution that CE and KL are measured against are models/splice.py's (training splices too).
 
 Positions: the SAE replaces the site activation at every token except BOS and padding (the positions it was trained
 on; `keep_bos=True` replaces BOS too), and except positions whose activation norm exceeds the SAE's `max_input_norm`
@@ -16,87 +17,18 @@ from __future__ import annotations
 import hashlib
 import weakref
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
 
 from saeforge.data import training_mask
-from saeforge.models.lm import position_chunks
+from saeforge.models.splice import replace_within, spliced_positions
 
 
 def splice_mask(lm, tokens: Tensor, keep_bos: bool = False) -> Tensor:
     """bool [B, S]: positions whose site activation an SAE or an ablation replaces: exactly the positions the
     training stream feeds SAEs (saeforge.data.training_mask: all but BOS and padding unless keep_bos)."""
     return training_mask(tokens, lm.bos_token_id, lm.pad_token_id, keep_bos)
-
-
-def spliced_positions(mask: Tensor, act: Tensor, max_norm: float | None) -> Tensor:
-    """bool [B, S]: the positions of `mask` whose site activation act [B, S, d] has norm <= max_norm (all of them
-    when max_norm is None)."""
-    if max_norm is None:
-        return mask
-    return mask & (act.float().norm(dim=-1) <= max_norm)
-
-
-def replace_within(mask: Tensor, max_norm: float | None,
-                   fn: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
-    """An LM edit that replaces the activations at `spliced_positions(mask, act, max_norm)` by fn(x [N, d], keep)
-    (keep: those positions, bool [B, S]) and keeps the others."""
-
-    def edit(act: Tensor) -> Tensor:
-        keep = spliced_positions(mask, act, max_norm)
-        out = act.clone()
-        out[keep] = fn(act[keep], keep).to(act.dtype)
-        return out
-
-    return edit
-
-
-def replace_at(mask: Tensor, fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
-    """An LM edit that applies fn to the activations [N, d] at the masked positions and keeps the others."""
-
-    def edit(act: Tensor) -> Tensor:
-        out = act.clone()
-        out[mask] = fn(act[mask]).to(act.dtype)
-        return out
-
-    return edit
-
-
-class CleanDistribution:
-    """The clean model's next-token distribution on one batch, kept to score every spliced run against it.
-
-    KL(P || Q) = sum_v p_v log p_v - sum_v p_v log q_v, and with z the spliced logits,
-    sum_v p_v log q_v = p . z - logsumexp(z). So per spliced run one logsumexp and one dot product give both its CE
-    and its KL (float32, a chunk of positions at a time)."""
-
-    def __init__(self, clean_logits: Tensor, tokens: Tensor) -> None:
-        flat = clean_logits[:, :-1].reshape(-1, clean_logits.shape[-1])
-        targets = tokens[:, 1:].reshape(-1, 1).to(flat.device)
-        self.shape = (clean_logits.shape[0], clean_logits.shape[1] - 1)
-        self.probs = torch.empty(flat.shape, dtype=torch.float32, device=flat.device)
-        self.neg_entropy = torch.empty(flat.shape[0], dtype=torch.float32, device=flat.device)
-        ce = torch.empty_like(self.neg_entropy)
-        for rows in position_chunks(flat.shape[0], flat.shape[1]):
-            logp = torch.log_softmax(flat[rows].float(), dim=-1)
-            self.probs[rows] = logp.exp()
-            self.neg_entropy[rows] = (self.probs[rows] * logp).sum(-1)
-            ce[rows] = -logp.gather(1, targets[rows]).squeeze(1)
-        self.ce = ce.view(self.shape)  # the clean model's own per-position CE
-
-    def ce_and_kl(self, logits: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-position next-token CE and KL(P_clean || P_spliced), both [B, S-1] float32."""
-        flat = logits[:, :-1].reshape(-1, logits.shape[-1])
-        targets = tokens[:, 1:].reshape(-1, 1).to(flat.device)
-        ce = torch.empty(flat.shape[0], dtype=torch.float32, device=flat.device)
-        kl = torch.empty_like(ce)
-        for rows in position_chunks(flat.shape[0], flat.shape[1]):
-            z = flat[rows].float()
-            lse = z.logsumexp(-1)
-            ce[rows] = lse - z.gather(1, targets[rows]).squeeze(1)
-            kl[rows] = self.neg_entropy[rows] - ((self.probs[rows] * z).sum(-1) - lse)
-        return ce.view(self.shape), kl.clamp_min(0).view(self.shape)
 
 
 @dataclass

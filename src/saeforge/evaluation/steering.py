@@ -19,8 +19,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from saeforge.evaluation.splice import replace_at, splice_mask
+from saeforge.evaluation.splice import splice_mask
 from saeforge.models.lm import position_chunks
+from saeforge.models.splice import replace_at
 
 
 @torch.no_grad()

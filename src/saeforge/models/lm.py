@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn as nn
@@ -193,6 +193,62 @@ class LanguageModel:
 
     __call__ = forward
 
+    def run_to_hidden(
+        self,
+        tokens: torch.Tensor,
+        *,
+        edits: dict[str, Edit] | None = None,
+        record: Iterable[str] = (),
+        attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The final hidden states [B, S, d_model] (the head's input), each edit replacing the activation at its site,
+        and the activations at the `record` sites. Nothing is detached: under autograd a loss on either reaches what
+        an edit spliced in, through every block after its site."""
+        record = list(dict.fromkeys(record))
+        both = sorted(set(record) & set(edits or {}))
+        if both:
+            raise ValueError(f"sites {both} are both edited and recorded; record a later site instead")
+        recorded: dict[str, torch.Tensor] = {}
+
+        def make(site: str):
+            def keep(x: torch.Tensor) -> None:
+                recorded[site] = x
+
+            return keep
+
+        with self._hooks({**self._edit_hooks(edits), **{site: make(site) for site in record}}):
+            hidden = self._backbone(**self._inputs(tokens, attention_mask)).last_hidden_state
+        _check_reached(record, recorded)
+        return hidden, recorded
+
+    def residual_sites_after(self, site: str) -> list[str]:
+        """The residual streams that `site` feeds into: `blocks.L.resid_post` of its own block (unless it is that
+        one) and of every later block. Empty for the last block's resid_post and for raw module paths."""
+        point = self.resolve(site)
+        if point.block is None:
+            return []
+        first = point.block + 1 if site == f"blocks.{point.block}.resid_post" else point.block
+        return [f"blocks.{b}.resid_post" for b in range(first, self.n_layers)]
+
+    def logit_loss(self, hidden: torch.Tensor, loss_of: Callable[[torch.Tensor, slice], torch.Tensor]) -> torch.Tensor:
+        """sum over chunks of rows of loss_of(logits [rows, vocab] float32, rows) for hidden [N, d_model] (final hidden
+        states, one position a row), differentiable with respect to hidden. The logits of all rows never exist at
+        once, in the backward pass either: hidden's gradient is computed here, a chunk of rows at a time, and
+        applied by the backward."""
+        return _ChunkedLogitLoss.apply(hidden, self, loss_of)
+
+    def _loss_and_grad_in_chunks(self, hidden: torch.Tensor, loss_of) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of loss_of over position_chunks of hidden [N, d_model], its gradient with respect to hidden)."""
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad = torch.empty_like(hidden)
+        with torch.enable_grad():
+            for c in self._chunks(hidden.shape[0]):
+                h = hidden[c].detach().requires_grad_()
+                loss = loss_of(self._logits(h), c)
+                grad[c] = torch.autograd.grad(loss, h)[0]
+                total += loss.detach()
+        return total, grad
+
     def next_token_loss(
         self,
         tokens: torch.Tensor,
@@ -201,8 +257,7 @@ class LanguageModel:
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Per-token next-token cross-entropy [B, S-1] in float32; 0 where the input or target is padding."""
-        with self._hooks(self._edit_hooks(edits)):
-            hidden = self._backbone(**self._inputs(tokens, attention_mask)).last_hidden_state
+        hidden, _ = self.run_to_hidden(tokens, edits=edits, attention_mask=attention_mask)
         tokens = tokens.to(self.device)
         valid = self._valid(tokens, attention_mask)
         hidden, targets = hidden[:, :-1].flatten(0, 1), tokens[:, 1:].flatten()
@@ -290,16 +345,31 @@ class LanguageModel:
     def _loss_grad_wrt_hidden(self, hidden, tokens, attention_mask) -> torch.Tensor:
         """d(sum of valid next-token CE)/d(final hidden state), computed a chunk of positions at a time."""
         valid = self._valid(tokens, attention_mask).flatten()
-        grad = torch.zeros_like(hidden)
-        flat, grad_flat = hidden[:, :-1].flatten(0, 1), grad[:, :-1]
         targets = tokens[:, 1:].flatten()
-        pieces = []
-        for c in self._chunks(len(targets)):
-            h = flat[c].detach().requires_grad_()
-            loss = (F.cross_entropy(self._logits(h), targets[c], reduction="none") * valid[c]).sum()
-            pieces.append(torch.autograd.grad(loss, h)[0])
-        grad_flat.copy_(torch.cat(pieces).view_as(grad_flat))
+
+        def ce(logits: torch.Tensor, rows: slice) -> torch.Tensor:
+            return (F.cross_entropy(logits, targets[rows], reduction="none") * valid[rows]).sum()
+
+        grad = torch.zeros_like(hidden)
+        _, grad_flat = self._loss_and_grad_in_chunks(hidden[:, :-1].flatten(0, 1), ce)
+        grad[:, :-1] = grad_flat.view_as(grad[:, :-1])
         return grad
+
+
+class _ChunkedLogitLoss(torch.autograd.Function):
+    """LanguageModel.logit_loss: the loss and hidden's gradient are both made in the forward, chunk by chunk; the
+    backward only scales the stored gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden, lm, loss_of):
+        total, grad = lm._loss_and_grad_in_chunks(hidden, loss_of)
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_total.to(grad.dtype), None, None
 
 
 def _check_reached(sites: list[str], acts: dict) -> None:

@@ -2,8 +2,9 @@
 
 Adding an architecture touches one file plus its tests: subclass `SAE`, decorate it with `@register("name")`,
 declare what the rest of the library asks about it on the class (trainable, sparsity "coefficient" or "k",
-dead_latents, adam_betas, needs_grad, saelens_architecture, option_names), implement `encode`, `loss` (the paper's
-equations, autograd) and `latent_params`, and for speed `grads_by_hand` (add cases to tests/saes/test_backward.py).
+dead_latents, adam_betas, needs_grad, needs_lm, saelens_architecture, option_names), implement `encode`, `loss` (the
+paper's equations, autograd; `lm_loss` instead for a loss that runs through the LM, as e2e_topk's) and
+`latent_params`, and for speed `grads_by_hand` (add cases to tests/saes/test_backward.py).
 Config validation, the trainer, sweeps, evaluation, figures and save/load then work through the registry;
 tests/evaluation/test_new_architecture.py does exactly this with an architecture defined in a test module. Import
 the new file below so that it registers."""
@@ -16,6 +17,7 @@ from saeforge.saes.gradient_topk import GradientTopKSAE
 from saeforge.saes.jumprelu import JumpReLUSAE
 from saeforge.saes.batchtopk import BatchTopKSAE
 from saeforge.saes.matryoshka import MatryoshkaBatchTopKSAE
+from saeforge.saes.e2e_topk import E2ETopKSAE
 
 __all__ = ["REGISTRY", "architecture_class", "SAE", "SAELoadError", "SAELoss", "create_sae", "load_sae", "ReluSAE", "GatedSAE", "TopKSAE",
-           "GradientTopKSAE", "JumpReLUSAE", "BatchTopKSAE", "MatryoshkaBatchTopKSAE"]
+           "GradientTopKSAE", "JumpReLUSAE", "BatchTopKSAE", "MatryoshkaBatchTopKSAE", "E2ETopKSAE"]

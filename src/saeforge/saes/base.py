@@ -12,7 +12,7 @@ import inspect
 import json
 import os
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 import torch
 from safetensors import SafetensorError
@@ -180,6 +180,9 @@ class SAE(nn.Module):
     dead_latents: ClassVar[Literal["resample", "aux_k", "none"]] = "none"  # how training revives dead latents
     adam_betas: ClassVar[tuple[float, float]] = (0.0, 0.999)  # default Adam betas (paper A: beta1 = 0)
     needs_grad: ClassVar[bool] = False  # its encoder reads the LM-loss gradient at the site
+    # Its loss runs the live LM from the site to the logits in every step (`lm_loss`): training then reads whole
+    # contexts from text (no cache) and runs them through the LM, clean and with this SAE's reconstruction spliced in.
+    needs_lm: ClassVar[bool] = False
     # Names of constructor options saved in cfg.json and passed back by load_sae.
     option_names: ClassVar[tuple[str, ...]] = ()
 
@@ -247,6 +250,17 @@ class SAE(nn.Module):
             out = self.loss(x, sparsity_coeff=sparsity_coeff, grad=grad, dead_mask=dead_mask)
         out.total.backward()
         return out
+
+    def lm_loss(self, x: Tensor, through_lm: Callable[..., tuple[Tensor, Tensor | None]],
+                dead_mask: Tensor | None = None) -> SAELoss:
+        """The loss of a `needs_lm` architecture on x [tokens, d_in] (autograd; the trainer calls total.backward()).
+
+        through_lm(x_hat, downstream=False) -> (kl, downstream_error) splices x_hat [tokens, d_in] (x's units) into
+        the LM in place of x and runs the LM on from the site: kl is the mean KL(P_clean || P_spliced) of the
+        next-token distributions over the batch's predicted positions; downstream_error (downstream=True, else None)
+        the mean squared difference of the later residual streams from their clean values, in x's units. Both carry
+        gradients back to x_hat through every block after the site."""
+        raise NotImplementedError(f"{type(self).__name__} does not train through the LM (needs_lm is False)")
 
     def grads_by_hand(self, x: Tensor, sparsity_coeff: float | None, grad: Tensor | None,
                       dead_mask: Tensor | None, compute_dtype: torch.dtype) -> SAELoss | None:

@@ -7,7 +7,7 @@ gradients, firing counts and buffers over the ranks before the optimizer step, a
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -90,8 +90,9 @@ class SAERun:
         return self.sparsity_coeff * self.coeff_schedule.warmup(step)
 
     def step(self, x: torch.Tensor, grad: Optional[torch.Tensor], step: int, tokens_after: int,
-             batch_tokens: Optional[int] = None) -> torch.Tensor:
+             batch_tokens: Optional[int] = None, *, through_lm: Optional[Callable] = None) -> torch.Tensor:
         """One optimizer step on batch x (already scaled). Returns the total loss, detached (not synchronised).
+        through_lm: for an SAE whose loss runs through the LM (`needs_lm`), the batch's splice (SAE.lm_loss).
 
         Under data parallelism (`self.sync` set) x is this rank's share of the step, possibly empty, and
         batch_tokens the rows of the whole step over all ranks; the gradients, firing counts and buffers are summed
@@ -103,7 +104,12 @@ class SAERun:
         if self.uses_aux_k:
             dead_mask = self.tracker.dead_mask(tokens_after - n, self.train.aux_k_dead_tokens)
         out = None
-        if x.shape[0] or self.sync is None:
+        if self.sae.needs_lm:
+            if through_lm is None:
+                raise ValueError(f"SAE {self.name!r} trains through the LM: step needs through_lm")
+            out = self.sae.lm_loss(x, through_lm, dead_mask=dead_mask)  # its products in float32: the LM dominates
+            out.total.backward(inputs=self.params)  # the LM's weights get no gradient, whatever their flags
+        elif x.shape[0] or self.sync is None:
             out = self.sae.loss_and_grads(x, sparsity_coeff=coeff, grad=grad if self.sae.needs_grad else None,
                                           dead_mask=dead_mask,
                                           compute_dtype=self.compute_dtype)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -26,7 +27,7 @@ import sys
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -148,6 +149,9 @@ class Trainer:
             raise ConfigError(f"train.tokens: {cfg.train.tokens} is less than one batch ({cfg.train.batch_size})")
         self.plan = StepPlan.of(cfg.train, self.total_steps)
         self.needs_grad = any(architecture_class(spec.architecture).needs_grad for spec in cfg.sae)
+        self.needs_lm = any(architecture_class(spec.architecture).needs_lm for spec in cfg.sae)
+        if self.needs_lm:
+            self._check_live_lm_run()
         self.stream = stream
         self.runs: dict[str, SAERun] = {}
         self.resamples: list[dict] = []
@@ -155,6 +159,26 @@ class Trainer:
         self.heldout_samples: Optional[dict[str, torch.Tensor]] = None  # see _prepare_heldout
         self._heldout_step = 0
         self._last_metrics: dict[str, dict[str, float]] = {}
+
+    def _check_live_lm_run(self) -> None:
+        """A run with an SAE whose loss runs the LM on from the site (SAE.needs_lm) reads whole contexts of text
+        through the live LM, in one process (data.ContextStream)."""
+        cfg = self.cfg
+        index, spec = next((i, s) for i, s in enumerate(cfg.sae) if architecture_class(s.architecture).needs_lm)
+        which = f"sae[{index}] ({spec.architecture!r}) trains through the live LM (its loss runs the model from the " \
+                "site to the logits in every step)"
+        if cfg.data.cache_dir:
+            raise ConfigError(f"data.cache_dir: {which}, so the run reads text, not an activation cache; remove "
+                              "data.cache_dir, or train the cached SAEs in a run of their own")
+        if self.needs_grad:
+            raise ConfigError(f"sae: {which}, and an SAE that reads stored LM-loss gradients cannot share its "
+                              "stream of whole contexts; train them in separate runs")
+        if self.dist is not None:
+            raise ConfigError(f"sae: {which}; such runs train in one process (data parallelism under torchrun is "
+                              "not supported for them)")
+        if cfg.train.batch_size % cfg.data.context_len:
+            raise ConfigError(f"train.batch_size: {which}, so a batch is whole contexts; {cfg.train.batch_size} is "
+                              f"not a multiple of data.context_len = {cfg.data.context_len}")
 
     # ------------------------------------------------------------------------------------------------ setup
     def _open_stream(self):
@@ -166,7 +190,8 @@ class Trainer:
                 model = dataclasses.replace(model, device=str(self.dist.place(model.device)))
             self.stream = open_stream(model, self.cfg.data, self.local_batch_size, lm=self.lm,
                                       grad=self.needs_grad, seed=self.cfg.train.seed, rank=self.rank,
-                                      world_size=self.world_size, split="train", progress=self.progress)
+                                      world_size=self.world_size, split="train", progress=self.progress,
+                                      whole_contexts=self.needs_lm)
         rows = getattr(self.stream, "batch_size", self.local_batch_size)
         if self.dist is not None and rows != self.local_batch_size:
             raise ConfigError(f"the activation stream of rank {self.rank} yields batches of {rows} rows, but each of "
@@ -389,6 +414,16 @@ class Trainer:
                     f"{self._last_good()}")
         return x, grad
 
+    def _through_lm(self, batch: dict) -> Optional[Callable]:
+        """For SAEs whose loss runs through the LM: splices their reconstruction (in the scaled units they train in)
+        into this batch's contexts and runs the LM on (SAE.lm_loss's through_lm); None for other runs."""
+        if not self.needs_lm:
+            return None
+        if "splice" not in batch:
+            raise TrainingError("an SAE whose loss runs through the LM needs batches of whole contexts, but the stream "
+                                "yields no 'splice' (open it with whole_contexts=True)")
+        return functools.partial(batch["splice"].run, scale=self.scale)
+
     def _last_good(self) -> str:
         last = latest_checkpoint(self.checkpoint_dir)
         return f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
@@ -510,6 +545,7 @@ class Trainer:
                         exhausted = True
                         break
                     x, grad = self._scaled(batch)
+                    through_lm = self._through_lm(batch)
                     global_rows = None
                 else:
                     batch = next(batches, None)
@@ -520,10 +556,12 @@ class Trainer:
                         exhausted = True
                         break
                     x, grad = self._scaled(batch) if batch is not None else self._no_rows()
+                    through_lm = None  # runs through the LM train in one process (_check_live_lm_run)
                 if self.step == 0:
                     self._init_b_dec(x)
                 tokens_after = (self.step + 1) * t.batch_size
-                losses = [run.step(x, grad, self.step, tokens_after, global_rows) for run in self.runs.values()]
+                losses = [run.step(x, grad, self.step, tokens_after, global_rows, through_lm=through_lm)
+                          for run in self.runs.values()]
                 self._check_losses(losses)
                 self.step += 1
                 monitor.advance()

@@ -84,7 +84,8 @@ def test_example_configs_load_and_describe_the_papers():
     assert {s.target_l0 for s in a.sae if s.architecture == "gated"} == \
         {s.target_l0 for s in a.sae if s.architecture == "relu"} == {20, 40, 80, 160}
     for path in sorted((ROOT / "configs" / "results").glob("*.toml")):  # what docs/reproduce_results.sh runs
-        assert len(load_config(path).sae) >= 8, path
+        if path.name != "paper_b_e2e.toml":  # one seed, sized to an hour (tests/training/test_e2e_training.py)
+            assert len(load_config(path).sae) >= 8, path
     b = load_config(ROOT / "configs/paper_b_gsae_vs_topk.toml")
     for arch in ("topk", "gradient_topk"):
         assert sorted(s.k for s in b.sae if s.architecture == arch) == [8, 16, 32, 64]

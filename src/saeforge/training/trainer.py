@@ -652,6 +652,9 @@ class Trainer:
             sae = copy.deepcopy(run.sae).cpu()
             sae.fold_activation_scale(self.scale)
             sae.cfg.update(meta)
+            if run.sae.needs_lm:  # SAERun.step runs its products in float32, whatever compute_dtype
+                sae.cfg["precision"] = {**meta["precision"], "sae_compute": {
+                    "dtype": "float32", "reason": "its loss runs through the LM, which dominates the step"}}
             sae.cfg["training"] = {"tokens": tokens, "steps": self.step, "sparsity_coeff": run.sparsity_coeff,
                                    "lr": run.lr_schedule.base, **self._training_record(run, excluded_tokens)}
             sae.cfg["saeforge"] = {

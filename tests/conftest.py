@@ -4,6 +4,7 @@ on disk with a small text corpus, so the commands can load them by path like a u
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 
@@ -61,3 +62,46 @@ def corpus_txt(tmp_path_factory):
     path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
     path.write_text("\n\n".join(docs) + "\n")
     return path
+
+
+TINY_SITE = "blocks.1.resid_post"
+
+
+@pytest.fixture
+def sweep_config(tmp_path, tiny_model_dir, corpus_txt):
+    """write(eval_table, train_table="", sae_tables=one of expansion 2) -> a sweep run file over the tiny model and
+    corpus: 2048 training tokens in batches of 128, 256 eval tokens, the lines of train_table added to [train], its
+    [eval] table given (e.g. the grid), then sae_tables; SAEs go to tmp_path/run."""
+
+    def write(eval_table: str, train_table: str = "", sae_tables: str = "[[sae]]\nexpansion = 2.0\n") -> Path:
+        path = tmp_path / "sweep.toml"
+        path.write_text(f"""
+[model]
+name = "{tiny_model_dir}"
+site = "{TINY_SITE}"
+
+[data]
+source = "{corpus_txt}"
+context_len = 32
+buffer_tokens = 1024
+lm_batch_size = 8
+
+[train]
+tokens = 2048
+batch_size = 128
+lr_warmup_steps = 2
+out_dir = "{tmp_path / 'run'}"
+tensorboard = false
+log_every = 4
+{train_table}
+
+[eval]
+tokens = 256
+batch_size = 4
+analysis_batches = 1
+{eval_table}
+
+{sae_tables}""")
+        return path
+
+    return write

@@ -46,39 +46,12 @@ k = 4
 """
 
 
-def write_config(tmp_path: Path, model_dir: Path, corpus: Path, *, tokens: int = 1024, saes: str = E2E_AND_TOPK,
-                 extra_data: str = "", batch_size: int = 128) -> Path:
-    path = tmp_path / "run.toml"
-    path.write_text(f"""
-[model]
-name = "{model_dir}"
-site = "{SITE}"
+E2E_TRAIN = "lr = 3e-3\nresample = false"  # nothing here resamples; its draws would use up the small corpus
+E2E_EVAL = "pca_ranks = [4]\nbootstrap_resamples = 100"
 
-[data]
-source = "{corpus}"
-context_len = 32
-buffer_tokens = 1024
-{extra_data}
 
-[train]
-tokens = {tokens}
-batch_size = {batch_size}
-lr = 3e-3
-lr_warmup_steps = 2
-resample = false
-out_dir = "{tmp_path / 'run'}"
-tensorboard = false
-log_every = 4
-
-[eval]
-tokens = 256
-batch_size = 4
-analysis_batches = 1
-pca_ranks = [4]
-bootstrap_resamples = 100
-{saes}
-""")
-    return path
+def with_train(cfg, **fields):
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **fields))
 
 
 def saeforge(*args: str) -> subprocess.CompletedProcess:
@@ -89,10 +62,9 @@ def saeforge(*args: str) -> subprocess.CompletedProcess:
     return proc
 
 
-def test_cli_sweeps_saves_loads_and_evaluates_e2e_saes(tmp_path, tiny_model_dir, corpus_txt):
-    grid = ('\ngrid_architectures = ["e2e_topk", "topk"]\ngrid_k = [2, 6]\n\n[[sae]]\narchitecture = "e2e_topk"\n'
-            'd_sae = 128\nk = 2\noptions = { ds_coeff = 0.5 }\n')
-    config = write_config(tmp_path, tiny_model_dir, corpus_txt, saes=grid)
+def test_cli_sweeps_saves_loads_and_evaluates_e2e_saes(tmp_path, sweep_config, corpus_txt):
+    config = sweep_config(E2E_EVAL + '\ngrid_architectures = ["e2e_topk", "topk"]\ngrid_k = [2, 6]', E2E_TRAIN,
+                          '[[sae]]\narchitecture = "e2e_topk"\nd_sae = 128\nk = 2\noptions = { ds_coeff = 0.5 }\n')
     out = tmp_path / "sweep"
     saeforge("sweep", str(config), "--out", str(out))
     with open(out / "sweep.csv") as fh:
@@ -126,17 +98,16 @@ def test_cli_sweeps_saves_loads_and_evaluates_e2e_saes(tmp_path, tiny_model_dir,
     assert row["architecture"] == "e2e_topk" and row["kl_div"] == pytest.approx(swept["kl_div"], rel=1e-5)
 
 
-def test_training_lowers_the_kl_it_is_trained_on(tmp_path, tiny_model_dir, corpus_txt):
+def test_training_lowers_the_kl_it_is_trained_on(tmp_path, tiny_model_dir, sweep_config):
     """The same run (same seed and data) after 1 step and after 32: the held-out KL of the spliced model falls for
     both E2E SAEs."""
     lm = load_lm(str(tiny_model_dir))
-    cfg = load_config(write_config(tmp_path, tiny_model_dir, corpus_txt, tokens=4096))
+    cfg = load_config(sweep_config(E2E_EVAL, E2E_TRAIN, E2E_AND_TOPK))
     contexts = eval_contexts(lm, cfg.data, 512)
     kl = {}
     for tokens in (128, 4096):
-        run = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, tokens=tokens,
-                                                                 out_dir=str(tmp_path / f"run{tokens}")))
-        dirs = Trainer(run, lm=lm, progress=False).run().sae_dirs
+        dirs = Trainer(with_train(cfg, tokens=tokens, out_dir=str(tmp_path / f"run{tokens}")), lm=lm,
+                       progress=False).run().sae_dirs
         rows = evaluate_saes(lm, [str(dirs["e2e_topk_w128_k4"]), str(dirs["e2e_ds"])], SITE, contexts,
                              batch_size=4, analyses=False, progress=False)
         kl[tokens] = [r["kl_div"] for r in rows]
@@ -144,15 +115,13 @@ def test_training_lowers_the_kl_it_is_trained_on(tmp_path, tiny_model_dir, corpu
         assert after < 0.85 * before, kl
 
 
-def test_a_resumed_run_continues_exactly(tmp_path, tiny_model_dir, corpus_txt):
+def test_a_resumed_run_continues_exactly(tmp_path, tiny_model_dir, sweep_config):
     lm = load_lm(str(tiny_model_dir))
-    cfg = load_config(write_config(tmp_path, tiny_model_dir, corpus_txt, tokens=1024))
-    whole = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out_dir=str(tmp_path / "whole")))
-    Trainer(whole, lm=lm, progress=False).run()
-    half = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, tokens=512, out_dir=str(tmp_path / "split")))
-    Trainer(half, lm=lm, progress=False).run()
-    rest = dataclasses.replace(half, train=dataclasses.replace(half.train, tokens=1024))
-    result = Trainer(rest, lm=lm, progress=False).run(resume=True)
+    cfg = load_config(sweep_config(E2E_EVAL, E2E_TRAIN, E2E_AND_TOPK))
+    Trainer(with_train(cfg, tokens=1024, out_dir=str(tmp_path / "whole")), lm=lm, progress=False).run()
+    Trainer(with_train(cfg, tokens=512, out_dir=str(tmp_path / "split")), lm=lm, progress=False).run()
+    result = Trainer(with_train(cfg, tokens=1024, out_dir=str(tmp_path / "split")), lm=lm,
+                     progress=False).run(resume=True)
     assert result.steps == 8
     for name in ("e2e_topk_w128_k4", "e2e_ds", "topk_w128_k4"):
         a = load_file(str(tmp_path / "whole" / name / "sae_weights.safetensors"))
@@ -161,17 +130,18 @@ def test_a_resumed_run_continues_exactly(tmp_path, tiny_model_dir, corpus_txt):
             assert torch.equal(a[key], b[key]), f"{name}.{key}"
 
 
-@pytest.mark.parametrize("saes, extra_data, batch_size, message", [
-    (E2E_AND_TOPK, 'cache_dir = "somewhere"', 128, "data.cache_dir: sae.0. .'e2e_topk'. trains through the live LM"),
-    (E2E_AND_TOPK, "", 100, "train.batch_size: .* 100 is not a multiple of data.context_len = 32"),
-    (E2E_AND_TOPK + '\n[[sae]]\narchitecture = "gradient_topk"\nd_sae = 128\nk = 4\n', "", 128,
+@pytest.mark.parametrize("change, message", [
+    ({"data": {"cache_dir": "somewhere"}}, r"data.cache_dir: sae\[0\] \('e2e_topk'\) trains through the live LM"),
+    ({"train": {"batch_size": 100}}, "train.batch_size: .* 100 is not a multiple of data.context_len = 32"),
+    ({"sae": '[[sae]]\narchitecture = "gradient_topk"\nd_sae = 128\nk = 4\n'},
      "an SAE that reads stored LM-loss gradients cannot share"),
 ])
-def test_runs_the_trainer_cannot_do_are_refused(tmp_path, saes, extra_data, batch_size, message):
-    config = write_config(tmp_path, Path("unused"), Path("unused.txt"), saes=saes, extra_data=extra_data,
-                          batch_size=batch_size)
+def test_runs_the_trainer_cannot_do_are_refused(sweep_config, change, message):
+    cfg = load_config(sweep_config("", E2E_TRAIN, E2E_AND_TOPK + change.get("sae", "")))
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **change.get("data", {})),
+                              train=dataclasses.replace(cfg.train, **change.get("train", {})))
     with pytest.raises(ConfigError, match=message):
-        Trainer(load_config(config), progress=False)
+        Trainer(cfg, progress=False)
 
 
 def test_paper_b_e2e_config_trains_e2e_topk_at_three_ks():

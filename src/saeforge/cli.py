@@ -15,6 +15,8 @@ COMMANDS = {
     "sweep": ("saeforge.commands.sweep:sweep_command", "Train and evaluate a grid; write CSV and Pareto plots."),
     "convert": ("saeforge.commands.convert:convert_command",
                 "Convert an SAE: SAELens, Gemma Scope, dictionary_learning, sparsify -> saeforge, SAELens, JumpReLU."),
+    "rate": ("saeforge.commands.rate:rate_command",
+             "Blind rating study: rate new (sample latents), rate serve (web server), rate report (statistics)."),
 }
 
 

@@ -107,7 +107,7 @@ def report_figure(report: dict, path: Path) -> Path:
     a, b = st["arms"]["a"], st["arms"]["b"]
     rows = [(arm, st["counts"][arm]) for arm in (a, b)]
     rows += [(f"{rater}: {arm}", by_arm[arm]) for rater, by_arm in st["by_rater"].items() for arm in (a, b)]
-    fig = Figure(figsize=(11, 0.9 + 0.35 * len(rows)))
+    fig = Figure(figsize=(12, max(3.6, 1.4 + 0.4 * len(rows))))
     left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
     y = np.arange(len(rows))[::-1]
     start = np.zeros(len(rows))
@@ -117,23 +117,24 @@ def report_figure(report: dict, path: Path) -> Path:
         start += share
     left.set_yticks(y, [f"{name} (n={c['n']})" for name, c in rows])
     left.set_xlim(0, 1)
-    left.set_xlabel("share of labels")
-    left.legend(loc="lower right", fontsize="small")
-    left.set_title("labels by SAE and rater")
+    left.set_xlabel("share of labels, by SAE and by rater")
+    left.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, frameon=False)
     diffs = [p["score_a"] - p["score_b"] for p in st["pairs"]["list"]]
     values = np.arange(-2, 3)
     right.bar(values, [diffs.count(v) for v in values], color="#7a8fb5")
     right.set_xticks(values)
-    right.set_xlabel(f"paired difference: {a} - {b} (score {SCORES['yes']} = Yes)")
+    right.yaxis.get_major_locator().set_params(integer=True)
+    right.margins(y=0.3)
+    right.set_xlabel(f"paired difference of scores, A - B\n(A = {a}, B = {b}; No 0, Maybe 1, Yes 2)")
     right.set_ylabel("pairs")
     if st["mean_difference"] is not None:
         right.axvline(st["mean_difference"], color="k", label=f"mean {st['mean_difference']:.2f}")
         lo, hi = st["mean_difference_ci"]
         if lo is not None and hi is not None:
-            right.axvspan(lo, hi, color="k", alpha=0.15, label=f"{st['ci_level']:.0%} BCa CI")
-        right.legend(fontsize="small")
+            right.axvspan(lo, hi, color="k", alpha=0.12, label=f"{st['ci_level']:.0%} BCa CI")
+        right.legend(fontsize="small", loc="upper left")
     w = st["wilcoxon"]
     p = w["p_exact"] if w["p_exact"] is not None else w["p_normal"]
-    right.set_title(f"{len(diffs)} pairs (Wilcoxon-Pratt, one-sided p = {_p(p)})")
+    right.set_title(f"{len(diffs)} pairs; Wilcoxon-Pratt one-sided p = {_p(p)}", fontsize="medium")
     fig.tight_layout()
     return save_figure(fig, path)

@@ -62,7 +62,8 @@ def report_markdown(report: dict, figure: str | None = None) -> str:
         "## SAEs", "", "| arm | stratum (model @ site) | directory | details |", "|---|---|---|---|",
     ]
     for s in report["saes"]:
-        details = ", ".join(f"{k} {v}" for k, v in s["info"].items() if k != "name")
+        details = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                            for k, v in s["info"].items() if k != "name")
         lines.append(f"| {s['arm']} | {s['stratum']} | `{s['path']}` | {details} |")
     lines += ["", "## Labels by SAE", "", "| SAE | " + " | ".join(head) + " |", "|---|" + "---:|" * len(head)]
     lines += [_counts_row([arm], c) for arm, c in st["counts"].items()]

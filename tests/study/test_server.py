@@ -163,3 +163,29 @@ def test_repeated_and_unshown_labels_are_refused(server_url, study_path):
     status, _ = post_json(server_url, "bob", {**label, "item": bob[1]})
     assert status == 409
     assert snapshot(study_path) == after_first
+
+
+def test_rate_serve_errors_are_one_line(tmp_path, study_path, capsys):
+    import socket
+
+    from saeforge.cli import main
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    cases = [
+        (["rate", "serve", str(tmp_path / "missing.sqlite")], "no such study file"),
+        (["rate", "serve", str(study_path), "--rater", "../x"], "rater name"),
+        (["rate", "serve", str(study_path), "--port", str(taken.getsockname()[1])], "cannot listen"),
+        (["rate", "report", str(tmp_path / "missing.sqlite")], "no such study file"),
+        (["rate", "new", str(tmp_path / "new.sqlite")], "--sae A_DIR --sae B_DIR"),
+    ]
+    try:
+        for argv, message in cases:
+            with pytest.raises(SystemExit) as exit_:
+                main(argv)
+            err = capsys.readouterr().err.strip()
+            assert exit_.value.code == 2 and message in err and len(err.splitlines()) == 1, (argv, err)
+    finally:
+        taken.close()
+    assert not (tmp_path / "missing.sqlite").exists() and not (tmp_path / "new.sqlite").exists()

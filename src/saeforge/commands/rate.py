@@ -49,9 +49,11 @@ class RateNew:
     batch_size: int = 8
     """contexts per LM forward pass."""
     device: str = "cpu"
+    """where the LM and the SAEs run."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """the LM's dtype ("auto": bf16 where this hardware runs it fast, else float32)."""
     progress: bool = True
+    """show progress bars."""
 
     def run(self) -> None:
         from saeforge.study.build import build_study  # loads the LM stack only for this subcommand

@@ -209,7 +209,7 @@ class StudyHandler(BaseHTTPRequestHandler):
         self.close_connection = True  # its body is not read
         self._refuse(Refused(405, f"{self.command} is not supported here"))
 
-    do_PUT = do_DELETE = do_PATCH = _not_allowed
+    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
 
 
 class StudyServer(ThreadingHTTPServer):

@@ -1,9 +1,11 @@
-"""Shared fixtures: tiny randomly initialised language models (no download, about a second to build), and one saved
-on disk with a small text corpus, so the commands can load them by path like a user would."""
+"""Shared fixtures: tiny randomly initialised language models (no download, about a second to build), one saved
+to disk with a small text corpus (for the commands, which load them by path like a user would), a sweep run
+file over them, and a headless Chromium for the HTML pages."""
 
 from __future__ import annotations
 
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -62,6 +64,29 @@ def corpus_txt(tmp_path_factory):
     path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
     path.write_text("\n\n".join(docs) + "\n")
     return path
+
+
+@pytest.fixture(scope="session")
+def chrome(tmp_path_factory):
+    """Headless Chromium driven by selenium (Debian's chromium and chromium-driver; `make test` installs them),
+    shared by the session. Its console messages: `chrome.get_log("browser")` (each read returns those since the
+    last one). A missing browser fails the test rather than skipping it, so CI cannot pass without running it."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    browser, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if browser is None or driver is None:
+        pytest.fail("headless Chromium is missing: `make test` installs it, or apt-get install chromium "
+                    "chromium-driver")
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,900",
+                f"--user-data-dir={tmp_path_factory.mktemp('chrome-profile')}"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    session = webdriver.Chrome(options=options, service=Service(driver))
+    yield session
+    session.quit()
 
 
 TINY_SITE = "blocks.1.resid_post"

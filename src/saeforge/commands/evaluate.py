@@ -19,7 +19,7 @@ from saeforge.commands.output import print_report, write_json
 from saeforge.config import ConfigError, DataConfig, EvalConfig, RunConfig, to_dict
 from saeforge.data import eval_contexts
 from saeforge.evaluation.compare import matched_l0_table
-from saeforge.evaluation.evaluate import evaluate, sae_max_input_norm
+from saeforge.evaluation.evaluate import evaluate
 from saeforge.files import check_writable_dir
 from saeforge.models import load_lm, site_width_before_loading
 from saeforge.saes import load_sae
@@ -102,11 +102,10 @@ def eval_command(
     groups: dict[tuple[str, str, int], list[tuple[Path, int]]] = defaultdict(list)
     for d in map(Path, sae_dirs):
         sae = load_sae(d)
-        sae_max_input_norm(sae, d.name)
-        m, s = model or sae.cfg.get("model_name"), site or sae.cfg.get("hook_name")
+        m, s = model or sae.meta.model_name, site or sae.meta.site
         if not isinstance(m, str) or not m or not isinstance(s, str) or not s:
             raise ConfigError(f"{d}/cfg.json records no model_name/hook_name; pass --model and --site")
-        ctx = context_len or sae.cfg.get("context_size") or 128
+        ctx = context_len or sae.meta.context_size or 128
         if isinstance(ctx, bool) or not isinstance(ctx, int) or ctx < 2:
             raise ConfigError(f"{d}/cfg.json: context_size must be an integer of at least 2, got {ctx!r}; "
                               "pass --context-len")

@@ -7,6 +7,11 @@ train.normalize = "uncentered") and are saved with c folded in. Outlier tokens t
 the threshold (raw units) is saved as cfg.json's saeforge.max_input_norm. Lambda is fixed, or steered to an L0
 target (l0_target.py); every few hundred steps each SAE's MSE on fixed training and held-out samples is logged.
 
+SAEs whose loss runs through the LM (SAE.needs_lm) change the stream: whole contexts of text go through the live LM
+once a step, clean (data.ContextStream), and each such SAE's step splices its reconstruction in and runs the LM on
+from the site (models.splice.SiteSplice), its gradient reaching it through the later blocks. Every SAE of such a run
+trains on those contexts' activations in their order (no shuffle buffer), in one process, from text (no cache).
+
 Data parallelism (torchrun; training/distributed.py says what each rank reads and what is kept identical): given a
 `Distributed`, the stream reads this rank's share (train.batch_size / world_size rows a step), each `SAERun` sums
 gradients, firing counts and buffers across the ranks before its optimizer step, b_dec's initialisation and

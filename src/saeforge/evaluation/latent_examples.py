@@ -302,10 +302,10 @@ def _output_tokens(lm, W_dec: Tensor, n: int) -> dict[str, Tensor]:
     n = min(n, lm.vocab_size)
     for rows in position_chunks(W_dec.shape[0], lm.vocab_size):
         logits = lm.direction_logits(W_dec[rows])
-        up, down = logits.topk(n, dim=1), logits.topk(n, dim=1, largest=False)
-        for name, values in (("promoted", up), ("suppressed", down)):
-            parts[name].append(values.indices.cpu())
-            parts[f"{name}_logits"].append(values.values.cpu())
+        for name, largest in (("promoted", True), ("suppressed", False)):
+            top = logits.topk(n, dim=1, largest=largest)
+            parts[name].append(top.indices.cpu())
+            parts[f"{name}_logits"].append(top.values.float().cpu())
     return {name: torch.cat(chunks) for name, chunks in parts.items()}
 
 

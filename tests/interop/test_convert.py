@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
@@ -107,28 +106,10 @@ def test_weights_files_and_format_override(tmp_path, x):
 
 
 # ------------------------------------------------------------------------------------------------ eval
-WORDS = "the river city north old music early school small people light paper green stone king market".split()
-
-
-@pytest.fixture(scope="module")
-def tiny_world(tmp_path_factory):
-    from saeforge.models import tiny_lm
-
-    model_dir = tmp_path_factory.mktemp("tiny_model")
-    lm = tiny_lm("gemma3", seed=0)
-    lm.model.save_pretrained(model_dir)
-    lm.tokenizer.save_pretrained(model_dir)
-    rng = random.Random(0)
-    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 30))).capitalize() + "." for _ in range(300)]
-    corpus = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    corpus.write_text("\n\n".join(docs) + "\n")
-    return model_dir, corpus, lm.site_dim("blocks.1.resid_post")
-
-
-def test_eval_reads_foreign_directories(tmp_path, tiny_world):
+def test_eval_reads_foreign_directories(tmp_path, tiny_lm, tiny_model_dir, corpus_txt):
     from saeforge.commands.evaluate import eval_command
 
-    model_dir, corpus, d = tiny_world
+    model_dir, corpus, d = tiny_model_dir, corpus_txt, tiny_lm.site_dim("blocks.1.resid_post")
     torch.manual_seed(0)
     relu = sf.ReluSAE(d, 96)
     relu.meta = SAEMetadata(model_name=str(model_dir), site="blocks.1.resid_post", context_size=32)

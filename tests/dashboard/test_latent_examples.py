@@ -65,7 +65,7 @@ def test_top_contexts_histogram_and_density_equal_a_brute_force_pass(tiny_lm):
     sae = _sparse_relu()
     norms = tiny_lm.capture(contexts, [SITE])[SITE].float().norm(dim=-1)[:, 1:]
     max_norm = float(norms.quantile(0.9))  # the top tenth of positions are outliers this SAE was not trained on
-    sae.cfg["saeforge"] = {"max_input_norm": max_norm}
+    sae.meta.max_input_norm = max_norm
     top_n = 5
     ex = collect_latent_examples(tiny_lm, sae, contexts, site=SITE, top_n=top_n, window=WINDOW, batch_size=4)
     f, keep, _ = _brute_force(tiny_lm, sae, contexts, max_norm=max_norm)

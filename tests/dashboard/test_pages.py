@@ -14,7 +14,7 @@ import matplotlib.image
 import pytest
 import torch
 
-from saeforge import create_sae
+from saeforge import SAEMetadata, create_sae
 from saeforge.cli import main
 from saeforge.data import pack_contexts
 from saeforge.evaluation.latent_examples import LatentExamples, collect_latent_examples
@@ -80,7 +80,7 @@ def test_latent_page_shows_the_values_and_hides_the_sae_when_blind(tiny_lm):
     parser = _Spans()
     parser.feed(page)
     top = ex.top.slot(latent)[0]
-    shown = [(f"activation {a:.4g}", _visible(ex.token_text(t)))
+    shown = [(f"{a:.4g}", _visible(ex.token_text(t)))
              for t, a in zip(top["tokens"].tolist(), top["acts"].tolist()) if t >= 0]
     assert parser.spans == shown
     for text in ("sae_xyzzy", f"latent {latent}", "gradient_topk", ex.info["model"], SITE, "Nearest latents",
@@ -174,7 +174,7 @@ def test_pages_only_for_the_latents_asked(tiny_lm, tmp_path):
 def _saved_sae(directory: Path, model_dir: Path, d_in: int = 64) -> Path:
     torch.manual_seed(0)
     sae = create_sae("relu", d_in=d_in, d_sae=48)
-    sae.cfg.update({"model_name": str(model_dir), "hook_name": SITE, "context_size": 32})
+    sae.meta = SAEMetadata(model_name=str(model_dir), site=SITE, context_size=32)
     sae.save(directory)
     return directory
 
@@ -208,7 +208,8 @@ def _run(capsys, *argv) -> tuple[int, str]:
 
 def test_dashboard_cli_bad_input_is_one_line_and_exit_2(tmp_path, tiny_model_dir, corpus_txt, capsys):
     code, err = _run(capsys, "dashboard", str(tmp_path / "missing"), "--out", str(tmp_path / "o"))
-    assert code == 2 and err.strip() == f"saeforge dashboard: error: SAE directory not found: {tmp_path / 'missing'}"
+    assert code == 2 and err.strip().startswith(f"saeforge dashboard: error: {tmp_path / 'missing'} is not a saved SAE")
+    assert len(err.strip().splitlines()) == 1
     narrow = _saved_sae(tmp_path / "narrow", tiny_model_dir, d_in=32)
     code, err = _run(capsys, "dashboard", str(narrow), "--out", str(tmp_path / "o"), "--source", str(corpus_txt))
     assert code == 2 and len(err.strip().splitlines()) == 1 and "d_in = 32" in err and "width 64" in err

@@ -106,12 +106,10 @@ def test_weights_files_and_format_override(tmp_path, x):
 
 
 # ------------------------------------------------------------------------------------------------ eval
-def test_eval_reads_foreign_directories(tmp_path, tiny_model_dir, corpus_txt):
+def test_eval_reads_foreign_directories(tmp_path, tiny_lm, tiny_model_dir, corpus_txt):
     from saeforge.commands.evaluate import eval_command
-    from saeforge.models import site_width_before_loading
 
-    model_dir, corpus = tiny_model_dir, corpus_txt
-    d = site_width_before_loading(str(model_dir), "blocks.1.resid_post")
+    model_dir, corpus, d = tiny_model_dir, corpus_txt, tiny_lm.site_dim("blocks.1.resid_post")
     torch.manual_seed(0)
     relu = sf.ReluSAE(d, 96)
     relu.meta = SAEMetadata(model_name=str(model_dir), site="blocks.1.resid_post", context_size=32)

@@ -9,7 +9,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
 
-from conftest import LATENTS
+from study_helpers import LATENTS
 
 
 def _shown_item(chrome) -> str:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from saeforge import create_sae
+from saeforge import SAEMetadata, create_sae
 from saeforge.cli import main
 from saeforge.study.build import build_study, sample_live_latents
 from saeforge.study.db import Study, StudyError
@@ -30,7 +30,7 @@ def _save(directory: Path, model_dir: Path, architecture: str) -> Path:
     if architecture == "relu":
         with torch.no_grad():
             sae.b_enc[DEAD] = -1e4
-    sae.cfg.update({"model_name": str(model_dir), "hook_name": SITE, "context_size": 32})
+    sae.meta = SAEMetadata(model_name=str(model_dir), site=SITE, context_size=32)
     sae.save(directory)
     return directory
 

@@ -8,7 +8,7 @@ import pytest
 
 from saeforge.study.db import Refused, Study, StudyError, rater_order
 
-from conftest import LATENTS, make_study, snapshot
+from study_helpers import LATENTS, make_study, snapshot
 
 
 def test_each_rater_has_a_fixed_random_order_of_all_items(tmp_path):

@@ -13,7 +13,7 @@ import threading
 import time
 from pathlib import Path
 
-from conftest import current_item, post_json, snapshot
+from study_helpers import current_item, post_json, snapshot
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 

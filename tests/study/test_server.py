@@ -11,7 +11,7 @@ import pytest
 
 from saeforge.study.db import Study
 
-from conftest import ARMS, LATENTS, SAE_DIRS, current_item, page, post_json, request, snapshot
+from study_helpers import ARMS, LATENTS, SAE_DIRS, current_item, page, post_json, request, snapshot
 
 
 def _order(study_path, rater: str) -> list[str]:

@@ -22,7 +22,7 @@ import pytest
 from saeforge.study.db import Rating, Study
 from saeforge.study.stats import EXACT_LIMIT, make_pairs, mann_whitney, study_statistics
 
-from conftest import ARMS, make_study
+from study_helpers import ARMS, make_study
 
 A, B = "gated", "relu"
 SCORE = {"no": 0, "maybe": 1, "yes": 2}

@@ -14,21 +14,19 @@ from typing import Literal, Optional
 
 from tyro.conf import Positional
 
-from saeforge.commands.evaluate import _check_widths
+from saeforge.commands.evaluate import check_widths, load_for_command
 from saeforge.config import ConfigError, DataConfig
 from saeforge.data import eval_contexts
-from saeforge.evaluation.evaluate import sae_max_input_norm
 from saeforge.evaluation.latent_examples import collect_latent_examples
 from saeforge.files import check_writable_dir
 from saeforge.models import load_lm, site_width_before_loading
-from saeforge.saes import load_sae
 from saeforge.viz.dashboard import write_dashboard
 
 
 def dashboard_command(
     sae_dir: Positional[Path],
     out: Path = Path("dashboard"),
-    tokens: int = 65536,
+    tokens: int = 50_000,
     model: Optional[str] = None,
     site: Optional[str] = None,
     source: str = "embedded",
@@ -71,27 +69,17 @@ def dashboard_command(
                         ("--band-size", band_size), ("--batch-size", batch_size)):
         if value < 1:
             raise ConfigError(f"{flag} must be at least 1, got {value}")
-    if not sae_dir.is_dir():
-        raise ConfigError(f"SAE directory not found: {sae_dir}")
-    sae = load_sae(sae_dir)
-    sae_max_input_norm(sae, sae_dir.name)
-    model_name, site_name = model or sae.cfg.get("model_name"), site or sae.cfg.get("hook_name")
-    if not isinstance(model_name, str) or not model_name or not isinstance(site_name, str) or not site_name:
-        raise ConfigError(f"{sae_dir}/cfg.json records no model_name/hook_name; pass --model and --site")
-    ctx = context_len or sae.cfg.get("context_size") or 128
-    try:
-        data_cfg = DataConfig(source=source, context_len=ctx)
-    except ConfigError as e:
-        raise ConfigError(f"context length: {e} (pass --context-len)") from e
+    sae, model_name, site_name, ctx = load_for_command(sae_dir, model, site, context_len)
+    data_cfg = DataConfig(source=source, context_len=ctx)
     wrong = [i for i in latents if not 0 <= i < sae.d_sae]
     if wrong:
         raise ConfigError(f"--latents: {wrong} out of range; {sae_dir} has latents 0..{sae.d_sae - 1}")
     check_writable_dir(out, "--out")
-    _check_widths([(sae_dir, sae.d_in)], site_name, model_name, site_width_before_loading(model_name, site_name))
+    check_widths([(sae_dir, sae.d_in)], site_name, model_name, site_width_before_loading(model_name, site_name))
 
     lm = load_lm(model_name, device=device, dtype=dtype)
     print(f"language model: {lm.precision.describe()}", file=sys.stderr)
-    _check_widths([(sae_dir, sae.d_in)], site_name, lm.name, lm.site_dim(site_name))
+    check_widths([(sae_dir, sae.d_in)], site_name, lm.name, lm.site_dim(site_name))
     contexts = eval_contexts(lm, data_cfg, tokens, batch_size)
     examples = collect_latent_examples(lm, sae, contexts, site=site_name, top_n=top_n, n_bands=n_bands,
                                        band_size=band_size, batch_size=batch_size, keep_bos=keep_bos, seed=seed,

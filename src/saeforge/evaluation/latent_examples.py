@@ -43,7 +43,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from saeforge.errors import UserError
-from saeforge.evaluation.evaluate import _as_batches, sae_max_input_norm
+from saeforge.evaluation.evaluate import _as_batches
 from saeforge.evaluation.splice import splice_mask, spliced_positions
 from saeforge.files import atomic_target, write_atomic
 from saeforge.models.lm import position_chunks
@@ -302,10 +302,10 @@ def _output_tokens(lm, W_dec: Tensor, n: int) -> dict[str, Tensor]:
     n = min(n, lm.vocab_size)
     for rows in position_chunks(W_dec.shape[0], lm.vocab_size):
         logits = lm.direction_logits(W_dec[rows])
-        up, down = logits.topk(n, dim=1), logits.topk(n, dim=1, largest=False)
-        for name, values in (("promoted", up), ("suppressed", down)):
-            parts[name].append(values.indices.cpu())
-            parts[f"{name}_logits"].append(values.values.cpu())
+        for name, largest in (("promoted", True), ("suppressed", False)):
+            top = logits.topk(n, dim=1, largest=largest)
+            parts[name].append(top.indices.cpu())
+            parts[f"{name}_logits"].append(top.values.float().cpu())
     return {name: torch.cat(chunks) for name, chunks in parts.items()}
 
 
@@ -323,11 +323,11 @@ def collect_latent_examples(lm, sae, contexts, *, site: str, top_n: int = 20, n_
     if min(left, right) < 0:
         raise LatentExamplesError(f"window must be two counts of tokens >= 0, got {window!r}")
     d_site = lm.site_dim(site)
-    name = name or (getattr(sae, "cfg", None) or {}).get("name") or sae.architecture
+    name = name or sae.meta.name or sae.architecture
     if sae.d_in != d_site:
         raise LatentExamplesError(f"SAE {name!r} has d_in = {sae.d_in}, but site {site!r} of {lm.name} has width "
                                   f"{d_site}: the SAE was trained on another site or model")
-    max_norm = sae_max_input_norm(sae, name)
+    max_norm = sae.meta.max_input_norm
     device = lm.device
     sae = sae.to(device).eval()
     M, width = sae.d_sae, left + right + 1

@@ -7,7 +7,7 @@ what it read as a saeforge directory, a SAELens directory, or a JumpReLU.
     export_saelens(sae, "out/")                                                        # opens in SAELens
 
 Each reader gives an SAE with the same features and reconstructions as the source, up to float rounding (rewrites
-are listed in sae.cfg["saeforge"]["imported"]["conversions"]), or refuses with the reason; what a format does not
+are listed in sae.meta.imported["conversions"]), or refuses with the reason; what a format does not
 record (model, site, context, activation scale) is listed under "missing". Foreign files are read without pickle:
 safetensors, JSON, numpy with allow_pickle=False, torch.load(weights_only=True).
 """

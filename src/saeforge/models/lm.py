@@ -283,14 +283,15 @@ class LanguageModel:
 
     @torch.no_grad()
     def direction_logits(self, directions: torch.Tensor) -> torch.Tensor:
-        """[n, vocab] float32: how much each residual-stream direction [n, d_model] raises each token's logit,
+        """[n, vocab] in the model's dtype: how much each residual-stream direction [n, d_model] raises each token's logit,
         read through the final norm and then the unembedding. The norm's response to a direction d is
         norm(d) - norm(0): RMSNorm's gain times d, LayerNorm's gain times d centred (its bias cancels), each divided
-        by d's own scale, a positive factor per row, so the order of tokens within a row is exact."""
+        by d's own scale, a positive factor per row, so the order of tokens within a row is exact. The model's own
+        head computes it."""
         d = directions.to(device=self.device, dtype=self.dtype)
         if self._final_norm is not None:
             d = self._final_norm(d) - self._final_norm(torch.zeros_like(d))
-        return d.float() @ self.unembed()
+        return self._head(d)
 
     # ---------------------------------------------------------------------------------------------------------
     # Capture

@@ -68,6 +68,19 @@ class SAEMetadata:
         if self.max_input_norm is not None and not 0 < self.max_input_norm < math.inf:
             raise ValueError(f"max_input_norm must be a finite positive number, got {self.max_input_norm!r}")
 
+    def where_it_runs(self, model: Optional[str] = None, site: Optional[str] = None,
+                      context_len: Optional[int] = None, where: str = "the SAE") -> tuple[str, str, int]:
+        """(model, site, context length) to run the SAE at: what is given, else what it was trained at (context
+        128 when unrecorded); ConfigError naming `where` when the model or site is known from neither."""
+        model, site = model or self.model_name, site or self.site
+        if not model or not site:
+            raise ConfigError(f"{where} records no model_name/hook_name; pass --model and --site")
+        ctx = context_len or self.context_size or 128
+        if isinstance(ctx, bool) or not isinstance(ctx, int) or ctx < 2:
+            raise ConfigError(f"{where}: context_size must be an integer of at least 2, got {ctx!r}; "
+                              "pass --context-len")
+        return model, site, ctx
+
     # ------------------------------------------------------------------------------------------ cfg.json
     def to_cfg_json(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """(top-level fields, fields of the "saeforge" block) as JSON values; None fields are left out."""

@@ -65,10 +65,7 @@ def build_study(path: Path, sae_dirs: Sequence[Path], *, arms: Sequence[str] = (
     loaded = []
     for d in sae_dirs:
         sae = load_sae(d)
-        m, site = model or sae.cfg.get("model_name"), sae.cfg.get("hook_name")
-        if not isinstance(m, str) or not m or not isinstance(site, str) or not site:
-            raise StudyError(f"{d}/cfg.json records no model_name/hook_name (pass --model for the model)")
-        loaded.append((d, sae, m, site, context_len or sae.cfg.get("context_size") or 128))
+        loaded.append((d, sae, *sae.meta.where_it_runs(model, None, context_len, f"{d}/cfg.json")))
     strata = [f"{m} @ {site}" for _, _, m, site, _ in loaded]
     cells = list(zip(arm_of, strata))
     if len(set(cells)) != len(cells):
@@ -92,7 +89,7 @@ def build_study(path: Path, sae_dirs: Sequence[Path], *, arms: Sequence[str] = (
         live = int((examples.firing_counts > 0).sum())
         saes.append(StudySAE(arm, strata[index], str(d), {
             "name": d.name, "variant": sae.variant(), "d_sae": sae.d_sae,
-            "training_l0": (sae.cfg.get("training") or {}).get("l0"), "live_latents": live,
+            "training_l0": sae.meta.training.l0 if sae.meta.training else None, "live_latents": live,
             "heldout_tokens": int(examples.info["n_tokens"])}))
         items += [StudyItem(index, latent, latent_page(examples, latent, blind=True)) for latent in latents]
     settings = {"latents_per_sae": latents_per_sae, "tokens": tokens, "source": source, "top_n": top_n,

@@ -10,7 +10,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from saeforge.study.db import LABELS, Study, StudyError
-from saeforge.study.stats import SCORES, Alternative, study_statistics
+from saeforge.study.stats import Alternative, study_statistics
 from saeforge.viz.eval_figures import save_figure
 
 LABEL_COLORS = {"no": "#c0504d", "maybe": "#f2c14e", "yes": "#4f9a52"}

@@ -29,8 +29,9 @@ table{border-collapse:collapse}td,th{padding:.15em .6em;text-align:left}th{borde
 td.n{text-align:right;font-variant-numeric:tabular-nums}
 .ex{display:flex;gap:.6em;margin:.15em 0;font-family:ui-monospace,monospace;font-size:13px}
 .ex .v{min-width:4.5em;text-align:right;color:#666}
-.toks{white-space:pre-wrap;word-break:break-all}
-.t{white-space:pre;border-radius:2px}.pk{outline:1px solid #b45309}
+.toks{white-space:pre-wrap;overflow-wrap:anywhere}
+.t{white-space:pre-wrap;border-radius:2px;background:rgba(255,140,0,var(--a,0))}.pk{outline:1px solid #b45309}
+.up{background:rgba(220,38,38,var(--a,0))}.down{background:rgba(37,99,235,var(--a,0))}
 .attr{color:#555;font-size:12px}
 .tok{font-family:ui-monospace,monospace;white-space:pre;background:#f3f3f3;padding:0 .2em}
 .dead{color:#666;font-family:ui-monospace,monospace;word-break:break-all}
@@ -108,19 +109,26 @@ def _example(examples: LatentExamples, ex: dict, scale: float, attribution: bool
             continue
         text, peak = _shown(examples.token_text(token)), ' pk' if j == left else ''
         alpha = min(1.0, act / scale) if act > 0 and scale > 0 else 0.0
-        style = f' style="background:rgba(255,140,0,{alpha:.2f})"' if alpha > 0 else ""
-        spans.append(f'<span class="t{peak}"{style} title="activation {act:.4g}">{text}</span>')
+        spans.append(f'<span class="t{peak}"{_shade(alpha)} title="{act:.4g}">{text}</span>')
         if attribution:
             value = float(ex["attribution"][j])
             strength = min(1.0, abs(value) / attr_scale) if attr_scale > 0 else 0.0
-            colour = "220,38,38" if value > 0 else "37,99,235"
-            style = f' style="background:rgba({colour},{strength:.2f})"' if strength > 0 else ""
-            attr_spans.append(f'<span class="t{peak}"{style} title="attribution {value:.3g}">{text}</span>')
+            sign = "up" if value > 0 else "down"
+            attr_spans.append(f'<span class="t {sign}{peak}"{_shade(strength)} title="attr {value:.3g}">{text}</span>')
     line = f'<div class="ex"><span class="v">{float(ex["value"]):.3g}</span><span class="toks">{"".join(spans)}</span></div>'
     if attribution:
         line += (f'<div class="ex attr"><span class="v">attr</span>'
                  f'<span class="toks">{"".join(attr_spans)}</span></div>')
     return line
+
+
+def _shade(strength: float) -> str:
+    """The style attribute that shades a token span (CSS variable --a, 0..1), or nothing when it is 0."""
+    return f' style="--a:{strength:.2f}"' if strength >= 0.005 else ""
+
+
+def _tick(value: float) -> str:
+    return f"{value:,.0f}" if value >= 10 else f"{value:.2g}"
 
 
 def _histogram_svg(counts: list[int], width: int = 360, height: int = 120) -> str:
@@ -140,11 +148,16 @@ def _histogram_svg(counts: list[int], width: int = 360, height: int = 120) -> st
         parts.append(f'<rect x="{i * bar:.1f}" y="{plot - h:.1f}" width="{max(bar - 1, 1):.1f}" height="{h:.1f}" '
                      f'fill="#f59e0b"><title>{count} between {10 ** edges[first + i]:.3g} and '
                      f'{10 ** edges[first + i + 1]:.3g}</title></rect>')
-    for i in range(first, last + 2):
-        if abs(edges[i] - round(edges[i])) < 1e-9 or i in (first, last + 1):
-            x = min(max((i - first) * bar, 12), width - 12)
-            parts.append(f'<text x="{x:.1f}" y="{height - 4}" font-size="10" text-anchor="middle">'
-                         f'{10 ** edges[i]:.2g}</text>')
+    decades = [i for i in range(first + 1, last + 1) if abs(edges[i] - round(edges[i])) < 1e-9]
+    placed: list[float] = []
+    for i in [first, last + 1, *decades]:  # the ends first; a decade too close to a placed label is left out
+        x = (i - first) * bar
+        if any(abs(x - p) < 36 for p in placed):
+            continue
+        placed.append(x)
+        anchor = "start" if x < 20 else "end" if x > width - 20 else "middle"
+        parts.append(f'<text x="{x:.1f}" y="{height - 4}" font-size="10" text-anchor="{anchor}">'
+                     f'{_tick(10 ** edges[i])}</text>')
     parts.append("</svg>")
     return "".join(parts)
 

@@ -27,7 +27,7 @@ class GatedSAE(SAE):
     saelens_architecture = "gated"
     dead_latents = "resample"
     option_names = ("tied", "use_r_mag", "freeze_aux_decoder", "sparsity_penalty", "magnitude_only")
-    sparse_below = 0.05
+    sparse_below = 0.06
 
     def __init__(self, d_in: int, d_sae: int, *, tied: bool = True, use_r_mag: bool = True,
                  freeze_aux_decoder: bool = True, sparsity_penalty: Literal["l1", "l1_decoder_norm"] = "l1",
@@ -160,7 +160,7 @@ class GatedSAE(SAE):
         pi_gate = x_1 @ with_bias_row(self.W_enc, self.b_gate, cd)
         norms = self.W_dec.norm(dim=1) if self.sparsity_penalty == "l1_decoder_norm" else None
         if goes_sparse(pi_gate, 0.0, self.sparse_below):
-            return self._grads_on_active(x, x_1.float(), pi_gate, exp_r, lam, norms)
+            return self._grads_on_active(x, x_1.float(), pi_gate, exp_r, lam, norms, cd)
         n = x.shape[0]
         if self.tied:  # pi_mag = exp(r_mag) * (pi_gate - b_gate) + b_mag
             pi_mag = torch.addcmul((self.b_mag - exp_r * self.b_gate).to(cd), pi_gate, exp_r.to(cd))
@@ -206,18 +206,20 @@ class GatedSAE(SAE):
         total = recon + lam * sparsity + aux
         return SAELoss(total, recon, sparsity, aux, f, x_hat, fired_counts=count_fired(f))
 
-    def _grads_on_active(self, x, x_1, pi_gate, exp_r, lam, norms) -> SAELoss:
+    def _grads_on_active(self, x, x_1, pi_gate, exp_r, lam, norms, cd) -> SAELoss:
         """The same step on the gate's active set A = {pi_gate > 0} only (active.py). f is 0 off A, and so is
         ReLU(pi_gate), the penalty's and the auxiliary term's only input: every term's gradient lives on A. The
         magnitude path is evaluated on A alone (for the untied one a sampled product instead of a second encoder
-        product); W_enc's gradient is one sparse product over both paths' gradients."""
+        product, rounded to the compute dtype cd as the dense path's); W_enc's gradient is one sparse product over
+        both paths' gradients."""
         n = x.shape[0]
         active, gate = ActiveEntries.above(pi_gate, 0.0)  # gate = ReLU(pi_gate) on A
         lat = active.lat
         if self.tied:  # as the dense path computes it, so the same magnitudes come out
-            pi_mag = torch.addcmul((self.b_mag - exp_r * self.b_gate)[lat], gate, exp_r[lat])
+            pi_mag = torch.addcmul((self.b_mag - exp_r * self.b_gate).to(cd)[lat], gate.to(cd), exp_r.to(cd)[lat])
         else:
-            pi_mag = active.dot_rows(x_1, with_bias_row(self.W_mag, self.b_mag, torch.float32).T)
+            pi_mag = active.dot_rows(x_1, with_bias_row(self.W_mag, self.b_mag, cd).float().T).to(cd)
+        pi_mag = pi_mag.float()
         f = pi_mag.relu_()  # eq. 6 on A
         x_hat = active.decode(f, self.W_dec) + self.b_dec
         err = x_hat - x

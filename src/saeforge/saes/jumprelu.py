@@ -118,7 +118,7 @@ class JumpReLUSAE(SAE):
     adam_betas = (0.0, 0.999)
     dead_latents = "none"
     constrain_decoder_norm = True
-    sparse_below = 0.05
+    sparse_below = 0.04
     option_names = ("bandwidth",)
 
     def __init__(self, d_in: int, d_sae: int, *, bandwidth: float | None = None, dtype: torch.dtype = torch.float32,

@@ -20,7 +20,7 @@ class ReluSAE(SAE):
     saelens_architecture = "standard"
     dead_latents = "resample"
     option_names = ("sparsity_penalty",)
-    sparse_below = 0.05
+    sparse_below = 0.04
 
     def __init__(self, d_in: int, d_sae: int, *, sparsity_penalty: SparsityPenalty = "l1",
                  dtype: torch.dtype = torch.float32, device=None):

@@ -14,21 +14,13 @@ from saeforge.saes.gated import GatedSAE
 from saeforge.saes.topk import top_k_indices
 from saeforge.training.sae_run import SAERun
 from saeforge.training.schedules import StepPlan
+from test_backward import CASES as BACKWARD_CASES
+from test_backward import D_IN, D_SAE, TOKENS, relative_error
 
-D_IN, D_SAE, TOKENS = 45, 256, 300
-
-CASES = {
-    "relu": ("relu", {}),
-    "relu-decoder-norm": ("relu", {"sparsity_penalty": "l1_decoder_norm"}),
-    "gated": ("gated", {}),
-    "gated-untied": ("gated", {"tied": False}),
-    "gated-no-r_mag": ("gated", {"use_r_mag": False}),
-    "gated-unfrozen-aux": ("gated", {"freeze_aux_decoder": False}),
-    "gated-decoder-norm-unfrozen": ("gated", {"sparsity_penalty": "l1_decoder_norm", "freeze_aux_decoder": False}),
-    "gated-rescale-shift": ("gated-from-relu", {}),
-    "jumprelu": ("jumprelu", {}),
-    "jumprelu-wide-window": ("jumprelu", {"bandwidth": 0.5}),
-}
+# The architectures with a dense and a sparse step, in test_backward's variants, and JumpReLU with the paper's
+# bandwidth and with a wide one (more entries in the window, off and on).
+CASES = {name: BACKWARD_CASES[name] for name in BACKWARD_CASES if name.startswith(("relu", "gated"))}
+CASES.update({"jumprelu": ("jumprelu", {}), "jumprelu-wide-window": ("jumprelu", {"bandwidth": 0.5})})
 # The share of [tokens, d_sae] entries the encoder's bias makes active: 0 and 1 are the all-dead and all-firing batches.
 DENSITIES = {"dead": 0.0, "sparse": 0.03, "mid": 0.3, "full": 1.0}
 
@@ -64,10 +56,6 @@ def make(case: str, density: float, seed: int = 0):
             sae.b_enc.copy_(bias)
     coeff = 0.7 if sae.uses_sparsity_coeff else None
     return sae, dict(x=x, sparsity_coeff=coeff)
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
 
 
 def both_paths(case: str, density: float, compute_dtype):

@@ -27,6 +27,8 @@ class GatedSAE(SAE):
     saelens_architecture = "gated"
     dead_latents = "resample"
     option_names = ("tied", "use_r_mag", "freeze_aux_decoder", "sparsity_penalty", "magnitude_only")
+    # The sparse step took 0.27x / 0.52x / 0.93x the dense one's time at gate densities 0.008 / 0.031 / 0.063 (fp32,
+    # batch 4096, d_in 640, d_sae 8192, 2 cores with AVX-512).
     sparse_below = 0.06
 
     def __init__(self, d_in: int, d_sae: int, *, tied: bool = True, use_r_mag: bool = True,

@@ -118,6 +118,8 @@ class JumpReLUSAE(SAE):
     adam_betas = (0.0, 0.999)
     dead_latents = "none"
     constrain_decoder_norm = True
+    # As ReLU's: the same products on the entries that fire or lie in the window (0.68x / 0.75x / 1.14x the dense
+    # step's time at densities 0.008 / 0.031 / 0.063 measured on a loaded machine).
     sparse_below = 0.04
     option_names = ("bandwidth",)
 

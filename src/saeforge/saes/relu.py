@@ -20,6 +20,8 @@ class ReluSAE(SAE):
     saelens_architecture = "standard"
     dead_latents = "resample"
     option_names = ("sparsity_penalty",)
+    # The sparse step took 0.38x / 0.77x / 1.22x the dense one's time at densities 0.008 / 0.031 / 0.063 (fp32,
+    # batch 4096, d_in 640, d_sae 8192, 2 cores with AVX-512).
     sparse_below = 0.04
 
     def __init__(self, d_in: int, d_sae: int, *, sparsity_penalty: SparsityPenalty = "l1",

@@ -22,6 +22,9 @@ demo: $(STAMP)
 PEERS := benchmarks/.venv-peers
 
 test: $(STAMP)
+	# The dashboard's browser tests need headless Chromium (Debian's packages; we run as root).
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver)
 	$(PY) -m pytest -q -ra
 	# saeforge <-> SAELens against the real sae-lens, in its own venv (it cannot share ours: see peer_venv.py)
 	$(PY) benchmarks/peer_venv.py --venv $(PEERS) --extra pytest

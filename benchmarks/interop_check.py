@@ -31,50 +31,18 @@ from pathlib import Path
 
 import torch
 
+# The interop tests' inputs and weights: activations at a language model's scale, SAE weights sized for them.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "interop"))
+import interop_helpers  # noqa: E402
+from interop_helpers import activations  # noqa: E402
+
 TOLERANCE = 1e-5
 
 
 # ------------------------------------------------------------------------------------------------ data and weights
-def activations(d_in: int, n: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    mean_dir = torch.randn(d_in, generator=g)
-    mean_dir /= mean_dir.norm()
-    noise = torch.randn(n, d_in, generator=g)
-    noise /= noise.norm(dim=1, keepdim=True)
-    u = 0.9 * mean_dir + 0.45 * noise
-    u /= u.norm(dim=1, keepdim=True)
-    r = torch.exp(torch.empty(n, 1).uniform_(torch.log(torch.tensor(50.0)).item(),
-                                             torch.log(torch.tensor(6000.0)).item(), generator=g))
-    return r * u
-
-
-def realistic(sae, x: torch.Tensor, seed: int, fire: float = 0.02):
-    """Give a saeforge SAE weights that make sense for inputs x: unit decoder rows, b_dec at x's mean, encoder biases
-    and thresholds at pre-activation quantiles (about `fire` of the latents fire per token)."""
-    g = torch.Generator().manual_seed(seed)
-    d_in, d_sae = sae.d_in, sae.d_sae
-    with torch.no_grad():
-        W_dec = torch.randn(d_sae, d_in, generator=g)
-        W_dec /= W_dec.norm(dim=1, keepdim=True)
-        sae.W_dec.copy_(W_dec)
-        sae.b_dec.copy_(x.mean(0))
-        sae.W_enc.copy_(W_dec.T * (1 + 0.2 * torch.rand(1, d_sae, generator=g)))
-        pre = (x - sae.b_dec) @ sae.W_enc
-        q = torch.quantile(pre[: min(len(pre), 2048)], 1 - fire, dim=0)
-        if hasattr(sae, "b_enc"):
-            sae.b_enc.copy_(-0.5 * q)
-        if hasattr(sae, "threshold") and sae.threshold.ndim == 1:
-            sae.threshold.copy_(0.5 * q.clamp_min(0) * torch.rand(d_sae, generator=g))
-        if hasattr(sae, "b_gate"):
-            sae.b_gate.copy_(-q)
-            sae.b_mag.copy_(0.3 * q * torch.randn(d_sae, generator=g))
-            if isinstance(sae.r_mag, torch.nn.Parameter):
-                sae.r_mag.copy_(0.5 * torch.randn(d_sae, generator=g))
-            if not sae.tied:
-                sae.W_mag.copy_(sae.W_enc * (1 + 0.3 * torch.randn(1, d_sae, generator=g)))
-        if hasattr(sae, "threshold") and sae.threshold.ndim == 0:
-            sae.threshold.fill_(float(q.median()) * 0.5)
-    return sae
+def realistic(sae, x: torch.Tensor, seed: int):
+    """Weights that make sense for inputs x, about 2% of the latents firing per token (interop_helpers.realistic)."""
+    return interop_helpers.realistic(sae, x, seed, fire=0.02)
 
 
 def compare(fa: torch.Tensor, fb: torch.Tensor, xa: torch.Tensor, xb: torch.Tensor,
@@ -139,7 +107,7 @@ def to_saelens(x: torch.Tensor, d_in: int, d_sae: int, seed: int, tmp: Path) -> 
                 with torch.no_grad():
                     sae.W_dec.mul_(torch.empty(d_sae, 1).uniform_(0.2, 3.0))
         sae.eval()
-        sae.cfg.update(model_name="gemma-3-270m-q4_k_m", hook_name="blocks.9.resid_post", context_size=1024)
+        sae.meta = sf.SAEMetadata(model_name="gemma-3-270m-q4_k_m", site="blocks.9.resid_post", context_size=1024)
         with torch.no_grad():
             f_ours = sae.encode(x)
             x_ours = sae.decode(f_ours)
@@ -172,7 +140,7 @@ def to_saelens(x: torch.Tensor, d_in: int, d_sae: int, seed: int, tmp: Path) -> 
     # attn_z: SAELens reads [..., n_heads, d_head] and flattens it (reshape_activations = "hook_z")
     heads = 4 if d_in % 4 == 0 else 1
     sae = realistic(sf.ReluSAE(d_in, d_sae), x, seed + 99)
-    sae.cfg.update(model_name="gpt2", hook_name="blocks.3.attn_z")
+    sae.meta = sf.SAEMetadata(model_name="gpt2", site="blocks.3.attn_z")
     export_saelens(sae, tmp / "attn_z")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -265,9 +233,9 @@ def from_saelens(x: torch.Tensor, d_in: int, d_sae: int, seed: int, tmp: Path) -
             x_theirs = theirs.decode(f_theirs) / scale
             f_ours = ours.encode(x_in)
             x_ours = ours.decode(f_ours)
-        imported = ours.cfg["saeforge"]["imported"]
-        rows.append({"case": label, "saeforge": ours.variant(), "site": ours.cfg.get("hook_name"),
-                     "model": ours.cfg.get("model_name"), "conversions": imported["conversions"],
+        imported = ours.meta.imported
+        rows.append({"case": label, "saeforge": ours.variant(), "site": ours.meta.site,
+                     "model": ours.meta.model_name, "conversions": imported["conversions"],
                      **compare(f_theirs, f_ours, x_theirs, x_ours, ties=ties_of(ours, x_in))})
 
     with warnings.catch_warnings():
@@ -313,7 +281,7 @@ def from_saelens(x: torch.Tensor, d_in: int, d_sae: int, seed: int, tmp: Path) -
             with torch.no_grad():
                 f_theirs, f_ours = inference.encode(x), ours.encode(x)
                 rows.append({"case": label + ", against SAELens's inference SAE", "saeforge": ours.variant(),
-                             "conversions": ours.cfg["saeforge"]["imported"]["conversions"],
+                             "conversions": ours.meta.imported["conversions"],
                              **compare(f_theirs, f_ours, inference.decode(f_theirs), ours.decode(f_ours),
                                        ties=ties_of(ours, x))})
         # Refused: per-token normalisation inside the SAE.

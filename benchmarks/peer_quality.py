@@ -156,7 +156,7 @@ def train_peer(args, python: Path, out: Path, coeff: float, max_input_norm: floa
     return record
 
 
-def peer_to_saeforge(weights_file: Path, max_input_norm: float | None, meta: dict):
+def peer_to_saeforge(weights_file: Path, max_input_norm: float | None, meta):
     """SAELens standard weights (acting on raw activations) -> an equivalent saeforge ReluSAE with unit-norm decoder
     rows (the module docstring gives the algebra)."""
     from safetensors.torch import load_file
@@ -175,7 +175,7 @@ def peer_to_saeforge(weights_file: Path, max_input_norm: float | None, meta: dic
         sae.W_enc.copy_(torch.where(live[None, :], w["W_enc"] * safe[None, :], torch.zeros_like(w["W_enc"])))
         sae.b_enc.copy_(torch.where(live, w["b_enc"] * safe, torch.full_like(norms, -1.0)))
         sae.b_dec.copy_(w["b_dec"])
-    sae.cfg = {**meta, "saeforge": {"max_input_norm": max_input_norm, "converted_from": "sae_lens standard"}}
+    sae.meta = dataclasses.replace(meta, max_input_norm=max_input_norm, converted_from="sae_lens standard")
     return sae, w, int((~live).sum())
 
 
@@ -257,7 +257,7 @@ def main() -> None:
     from saeforge.data import eval_contexts
     from saeforge.evaluation.evaluate import evaluate_saes
     from saeforge.models import load_lm
-    from saeforge.saes import load_sae
+    from saeforge.saes import SAEMetadata, TrainingRecord, load_sae
 
     manifest = read_manifest(args.cache_dir)
     if manifest.get("split", "train") != "train":
@@ -276,8 +276,7 @@ def main() -> None:
     log(f"training saeforge's ReLU SAE (target L0 {args.target_l0:g})")
     sf_run = train_saeforge(args, manifest, args.out / "saeforge")
     sf_sae = load_sae(sf_run["dir"])
-    sf_meta = sf_sae.cfg.get("saeforge") or {}
-    max_input_norm = sf_meta.get("max_input_norm")
+    max_input_norm = sf_sae.meta.max_input_norm
     l0_sample = l0_sample_all if max_input_norm is None else l0_sample_all[l0_sample_all.norm(dim=1) <= max_input_norm]
     sf_l0 = sample_l0(sf_sae, l0_sample)
     log(f"  L0 {sf_l0:.2f} on the sample")
@@ -290,9 +289,10 @@ def main() -> None:
     def peer_trial(coeff):
         out = args.out / f"peer_{len(peer_trials)}"
         record = train_peer(args, peer_python, out, coeff, peer_thr)
-        meta = {"model_name": sf_sae.cfg.get("model_name"), "hook_name": sf_sae.cfg.get("hook_name"),
-                "context_size": sf_sae.cfg.get("context_size"), "dataset": str(args.cache_dir),
-                "sparsity_coeff": coeff}
+        meta = SAEMetadata(model_name=sf_sae.meta.model_name, site=sf_sae.meta.site,
+                           context_size=sf_sae.meta.context_size, dataset=str(args.cache_dir),
+                           training=TrainingRecord(tokens=args.steps * args.batch_size, steps=args.steps,
+                                                   lr=args.lr, sparsity_coeff=coeff))
         sae, w, zero_rows = peer_to_saeforge(out / "sae_weights.safetensors", max_input_norm, meta)
         trial = {"l0": sample_l0(sae, l0_sample), "record": record, "sae": sae, "weights": w,
                  "zero_decoder_rows": zero_rows, "out": out}
@@ -303,7 +303,7 @@ def main() -> None:
         start = args.peer_l1_start
     else:
         # Both losses are ||c x - x_hat||^2 + lambda ||f||_1 with f in units of c x, so lambda scales like c.
-        sf_scale = (sf_meta.get("normalization") or {}).get("scale") or manifest["scale"]
+        sf_scale = sf_sae.meta.normalization.scale if sf_sae.meta.normalization else manifest["scale"]
         peer_scale = 1.0 / float(l0_sample.norm(dim=1).mean()) * math.sqrt(manifest["d_in"])
         start = float(sf_lambda or 1.0) * peer_scale / float(sf_scale)
     target = sf_l0

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from saeforge import create_sae
+from saeforge import SAEMetadata, create_sae
 from saeforge.commands.output import run_command
 
 from saeforge.data.cache import CacheWriter, seal_manifest
@@ -54,7 +54,7 @@ class Workspace:
     def sae(self, directory: Path, d_in: int = D) -> Path:
         torch.manual_seed(0)
         sae = create_sae("relu", d_in=d_in, d_sae=2 * d_in)
-        sae.cfg.update({"model_name": str(self.model), "hook_name": SITE, "context_size": 32})
+        sae.meta = SAEMetadata(model_name=str(self.model), site=SITE, context_size=32)
         sae.save(directory)
         return directory
 
@@ -262,7 +262,7 @@ CASES = [
     ("cache", "missing_manifest", lambda ws, d: _damaged_cache(ws, d, lambda c: (c / "manifest.json").unlink()),
      "has no manifest.json"),
     ("cache", "manifest_not_json",
-     lambda ws, d: _damaged_cache(ws, d, lambda c: (c / "manifest.json").write_text("{")), "is not valid JSON"),
+     lambda ws, d: _damaged_cache(ws, d, lambda c: (c / "manifest.json").write_text("{")), "not valid JSON"),
     ("cache", "manifest_scale_edited",
      lambda ws, d: _damaged_cache(ws, d, lambda c: _edit_manifest(c, lambda m: m.update(scale=5.0), seal=False)),
      "fails its own checksum"),

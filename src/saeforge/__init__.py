@@ -1,11 +1,15 @@
-"""saeforge: sparse autoencoders (Gated, gradient TopK, TopK, ReLU, JumpReLU) on language-model activations."""
+"""saeforge: sparse autoencoders (Gated, gradient TopK, TopK, ReLU, JumpReLU,
+BatchTopK, Matryoshka BatchTopK) on language-model activations."""
 
 from saeforge.saes import (
+    BatchTopKSAE,
     GatedSAE,
     GradientTopKSAE,
     JumpReLUSAE,
+    MatryoshkaBatchTopKSAE,
     ReluSAE,
     SAE,
+    SAEMetadata,
     TopKSAE,
     create_sae,
     load_sae,
@@ -24,5 +28,6 @@ def __getattr__(name):
 
 
 __all__ = [
-    "SAE", "ReluSAE", "GatedSAE", "TopKSAE", "GradientTopKSAE", "JumpReLUSAE", "create_sae", "load_sae", "load_lm",
+    "SAE", "ReluSAE", "GatedSAE", "TopKSAE", "GradientTopKSAE", "JumpReLUSAE", "BatchTopKSAE",
+    "MatryoshkaBatchTopKSAE", "SAEMetadata", "create_sae", "load_sae", "load_lm",
 ]

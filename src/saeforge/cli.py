@@ -13,8 +13,12 @@ COMMANDS = {
     "train": ("saeforge.commands.train:train_command", "Train the SAEs of a TOML run file."),
     "eval": ("saeforge.commands.evaluate:eval_command", "Evaluate saved SAEs on held-out tokens."),
     "sweep": ("saeforge.commands.sweep:sweep_command", "Train and evaluate a grid; write CSV and Pareto plots."),
+    "dashboard": ("saeforge.commands.dashboard:dashboard_command",
+                  "Write a static HTML feature dashboard of a saved SAE."),
     "convert": ("saeforge.commands.convert:convert_command",
                 "Convert an SAE: SAELens, Gemma Scope, dictionary_learning, sparsify -> saeforge, SAELens, JumpReLU."),
+    "rate": ("saeforge.commands.rate:rate_command",
+             "Blind rating study: rate new (sample latents), rate serve (web server), rate report (statistics)."),
 }
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Any, Iterator, Union
 
 from saeforge.errors import UserError
 
@@ -61,3 +62,15 @@ def check_writable_dir(path: Union[str, Path], what: str) -> Path:
     except OSError as e:
         raise UserError(f"{what}: cannot write to {path} ({e.strerror or e})") from e
     return path
+
+
+def read_json(path: Union[str, Path], error: type[Exception] = UserError, *, expect_object: bool = True) -> Any:
+    """A JSON file's value; `error` (naming the file) when it is not valid JSON, or not an object where one is
+    expected. Absent files are the caller's to explain."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: not valid JSON: {e}") from e
+    if expect_object and not isinstance(value, dict):
+        raise error(f"{path}: expected a JSON object, got a {type(value).__name__}")
+    return value

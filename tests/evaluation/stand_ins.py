@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from saeforge.saes import SAEMetadata
+
 
 class AffineMap(nn.Module):
     """A stand-in SAE: f = (x - center) @ enc, x_hat = f @ W_dec + b_dec (identity, zero and PCA maps are all
@@ -18,7 +20,7 @@ class AffineMap(nn.Module):
         self.enc, self.W_dec, self.b_dec = enc, W_dec, b_dec
         self.center = torch.zeros(enc.shape[0]) if center is None else center
         self.d_in, self.d_sae = W_dec.shape[1], W_dec.shape[0]
-        self.cfg = {} if max_input_norm is None else {"saeforge": {"max_input_norm": max_input_norm}}
+        self.meta = SAEMetadata(max_input_norm=max_input_norm)
 
     def encode(self, x, grad=None):
         return (x - self.center.to(x)) @ self.enc.to(x)

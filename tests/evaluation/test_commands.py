@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from saeforge import create_sae
+from saeforge import SAEMetadata, create_sae
 from saeforge.config import ConfigError, load_config
 from saeforge.commands.output import markdown_table
 from saeforge.commands.sweep import expand_grid, sweep_command
@@ -24,7 +24,7 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 def _save_sae(directory: Path, model_dir: Path, architecture: str, **options) -> Path:
     torch.manual_seed(0)
     sae = create_sae(architecture, d_in=64, d_sae=128, **options)
-    sae.cfg.update({"model_name": str(model_dir), "hook_name": SITE, "context_size": 32})
+    sae.meta = SAEMetadata(model_name=str(model_dir), site=SITE, context_size=32)
     sae.save(directory)
     return directory
 

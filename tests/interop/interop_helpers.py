@@ -32,7 +32,7 @@ def realistic(sae, x: torch.Tensor, seed: int = 0, fire: float = 0.05):
         sae.W_dec.copy_(W_dec / W_dec.norm(dim=1, keepdim=True))
         sae.b_dec.copy_(x.mean(0))
         sae.W_enc.copy_(sae.W_dec.T * (1 + 0.2 * torch.rand(1, d_sae, generator=g)))
-        q = torch.quantile((x - sae.b_dec) @ sae.W_enc, 1 - fire, dim=0)
+        q = torch.quantile(((x - sae.b_dec) @ sae.W_enc)[:2048], 1 - fire, dim=0)  # quantile's input size limit
         if hasattr(sae, "b_enc"):
             sae.b_enc.copy_(-0.5 * q)
         if hasattr(sae, "threshold") and sae.threshold.ndim == 1:

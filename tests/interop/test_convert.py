@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ from safetensors.torch import save_file
 import saeforge as sf
 from saeforge.cli import main
 from saeforge.interop import FORMATS, InteropError, as_jumprelu, detect_format, read_sae
+from saeforge.saes import SAEMetadata
 
 from interop_helpers import D_IN, D_SAE, assert_same, realistic
 
@@ -28,7 +28,7 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
 
 def test_convert_between_saeforge_saelens_and_jumprelu(tmp_path, capsys, x):
     gated = realistic(sf.GatedSAE(D_IN, D_SAE), x)
-    gated.cfg.update(model_name="gemma-3-270m-q4_k_m", hook_name="blocks.9.resid_post", context_size=128)
+    gated.meta = SAEMetadata(model_name="gemma-3-270m-q4_k_m", site="blocks.9.resid_post", context_size=128)
     gated.save(tmp_path / "gated")
     code, out, err = run_cli(capsys, "convert", str(tmp_path / "gated"), str(tmp_path / "sl"), "--to", "saelens")
     assert code == 0, err
@@ -36,11 +36,11 @@ def test_convert_between_saeforge_saelens_and_jumprelu(tmp_path, capsys, x):
     code, out, err = run_cli(capsys, "convert", str(tmp_path / "sl"), str(tmp_path / "back"))
     assert code == 0, err
     back = sf.load_sae(tmp_path / "back")
-    assert back.architecture == "gated" and back.cfg["saeforge"]["imported"]["format"] == "saelens"
+    assert back.architecture == "gated" and back.meta.imported["format"] == "saelens"
     code, out, err = run_cli(capsys, "convert", str(tmp_path / "sl"), str(tmp_path / "jr"), "--to", "jumprelu")
     assert code == 0, err
     jr = sf.load_sae(tmp_path / "jr")
-    assert jr.architecture == "jumprelu" and jr.cfg["hook_name"] == "blocks.9.resid_post"
+    assert jr.architecture == "jumprelu" and jr.meta.site == "blocks.9.resid_post"
     with torch.no_grad():
         assert_same(gated.encode(x), jr.encode(x), gated(x), jr(x), tol=1e-4)  # from_gated: exact up to rounding
         assert_same(gated.encode(x), back.encode(x), gated(x), back(x), tol=0)
@@ -106,31 +106,13 @@ def test_weights_files_and_format_override(tmp_path, x):
 
 
 # ------------------------------------------------------------------------------------------------ eval
-WORDS = "the river city north old music early school small people light paper green stone king market".split()
-
-
-@pytest.fixture(scope="module")
-def tiny_world(tmp_path_factory):
-    from saeforge.models import tiny_lm
-
-    model_dir = tmp_path_factory.mktemp("tiny_model")
-    lm = tiny_lm("gemma3", seed=0)
-    lm.model.save_pretrained(model_dir)
-    lm.tokenizer.save_pretrained(model_dir)
-    rng = random.Random(0)
-    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 30))).capitalize() + "." for _ in range(300)]
-    corpus = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    corpus.write_text("\n\n".join(docs) + "\n")
-    return model_dir, corpus, lm.site_dim("blocks.1.resid_post")
-
-
-def test_eval_reads_foreign_directories(tmp_path, tiny_world):
+def test_eval_reads_foreign_directories(tmp_path, tiny_lm, tiny_model_dir, corpus_txt):
     from saeforge.commands.evaluate import eval_command
 
-    model_dir, corpus, d = tiny_world
+    model_dir, corpus, d = tiny_model_dir, corpus_txt, tiny_lm.site_dim("blocks.1.resid_post")
     torch.manual_seed(0)
     relu = sf.ReluSAE(d, 96)
-    relu.cfg.update(model_name=str(model_dir), hook_name="blocks.1.resid_post", context_size=32)
+    relu.meta = SAEMetadata(model_name=str(model_dir), site="blocks.1.resid_post", context_size=32)
     sf.interop.export_saelens(relu, tmp_path / "saelens")
     # dictionary_learning's AutoEncoder of the same weights
     ae = tmp_path / "dictionary_learning"

@@ -45,9 +45,9 @@ def test_gemma_scope_1_npz_reads_with_its_path_facts(tmp_path, x):
     with torch.no_grad():
         assert_same(f, sae.encode(x), x_hat, sae(x))
     assert sae.architecture == "jumprelu"
-    assert (sae.cfg["model_name"], sae.cfg["hook_name"], sae.cfg["context_size"]) == (
+    assert (sae.meta.model_name, sae.meta.site, sae.meta.context_size) == (
         "google/gemma-2-2b", "blocks.12.resid_post", 1024)
-    imported = sae.cfg["saeforge"]["imported"]
+    imported = sae.meta.imported
     assert imported["width"] == 16384 and imported["average_l0"] == 82
     assert any("b_dec @ W_enc" in c for c in imported["conversions"])
     assert any("7 negative threshold" in c for c in imported["conversions"])
@@ -59,18 +59,18 @@ def test_gemma_scope_1_attention_site_unknown_paths_and_refusals(tmp_path, x):
     d.mkdir(parents=True)
     np.savez(d / "params.npz", **{k: v.numpy() for k, v in t.items()})
     sae = sf.load_sae(d)
-    assert (sae.cfg["model_name"], sae.cfg["hook_name"]) == ("google/gemma-2-9b-it", "blocks.20.attn_z")
+    assert (sae.meta.model_name, sae.meta.site) == ("google/gemma-2-9b-it", "blocks.20.attn_z")
     plain = tmp_path / "plain"
     plain.mkdir()
     np.savez(plain / "params.npz", **{k: v.numpy() for k, v in t.items()})
     sae = sf.load_sae(plain)
-    assert sae.cfg["model_name"] is None and sae.cfg["hook_name"] is None
-    assert any(m.startswith("saeforge site") for m in sae.cfg["saeforge"]["imported"]["missing"])
+    assert sae.meta.model_name is None and sae.meta.site is None
+    assert any(m.startswith("saeforge site") for m in sae.meta.imported["missing"])
     from saeforge.interop import read_sae
 
     given = read_sae(plain, model="google/gemma-2-2b", site="blocks.3.resid_post")
-    assert given.cfg["hook_name"] == "blocks.3.resid_post"
-    assert not any(m.startswith("saeforge site") for m in given.cfg["saeforge"]["imported"]["missing"])
+    assert given.meta.site == "blocks.3.resid_post"
+    assert not any(m.startswith("saeforge site") for m in given.meta.imported["missing"])
     transcoder = tmp_path / "gemma-scope-2b-pt-transcoders" / "layer_3" / "width_16k" / "average_l0_76"
     transcoder.mkdir(parents=True)
     np.savez(transcoder / "params.npz", **{k: v.numpy() for k, v in t.items()})
@@ -106,8 +106,8 @@ def test_gemma_scope_2_maps_hook_points_to_sites_of_gemma_3_270m(tmp_path, x, ho
     f, x_hat = reads_x_directly(t, x)
     with torch.no_grad():
         assert_same(f, sae.encode(x), x_hat, sae(x))
-    assert (sae.cfg["model_name"], sae.cfg["hook_name"]) == ("google/gemma-3-270m", site)
-    assert sae.cfg["saeforge"]["imported"]["l0"] == 60
+    assert (sae.meta.model_name, sae.meta.site) == ("google/gemma-3-270m", site)
+    assert sae.meta.imported["l0"] == 60
 
 
 def test_gemma_scope_2_without_config_and_its_refusals(tmp_path, x):
@@ -115,7 +115,7 @@ def test_gemma_scope_2_without_config_and_its_refusals(tmp_path, x):
     d = tmp_path / "gemma-scope-2-270m-pt" / "resid_post" / "layer_5_width_16k_l0_small"
     write_gs2(d, t, None)
     sae = sf.load_sae(d)
-    assert (sae.cfg["model_name"], sae.cfg["hook_name"]) == ("google/gemma-3-270m", "blocks.5.resid_post")
+    assert (sae.meta.model_name, sae.meta.site) == ("google/gemma-3-270m", "blocks.5.resid_post")
     hook = "model.layers.5.pre_feedforward_layernorm.output"
     out = "model.layers.5.post_feedforward_layernorm.output"
     for config, message in (({**GS2_CONFIG, "hf_hook_point_in": hook, "hf_hook_point_out": out,
@@ -201,7 +201,7 @@ def test_dictionary_learning_layouts(tmp_path, x, name):
     with torch.no_grad():
         f = encode(x)
         assert_same(f, sae.encode(x), decode(f), sae(x), what=name)
-    assert (sae.cfg["model_name"], sae.cfg["hook_name"], sae.cfg["context_size"]) == (
+    assert (sae.meta.model_name, sae.meta.site, sae.meta.context_size) == (
         "EleutherAI/pythia-70m-deduped", "blocks.6.resid_post", 128)
 
 
@@ -215,8 +215,8 @@ def test_dictionary_learning_refusals_and_assumptions(tmp_path, x):
     (d / "config.json").write_text(json.dumps({"trainer": {"dict_class": "AutoEncoderTopK", "layer": 3,
                                                            "lm_name": "gpt2"}}))
     sae = sf.load_sae(d)
-    assert sae.cfg["hook_name"] == "blocks.3.resid_post"
-    assert any("assumed" in c for c in sae.cfg["saeforge"]["imported"]["conversions"])
+    assert sae.meta.site == "blocks.3.resid_post"
+    assert any("assumed" in c for c in sae.meta.imported["conversions"])
     torch.save({"encoder.weight": torch.zeros(3, 2)}, d / "ae.pt")
     with pytest.raises(InteropError, match="no dictionary_learning layout"):
         sf.load_sae(d)
@@ -261,7 +261,7 @@ def test_sparsify_hookpoints(tmp_path, x, model, hookpoint, site):
     with torch.no_grad():
         f = encode(x)
         assert_same(f, sae.encode(x), decode(f), sae(x))
-    assert (sae.cfg["model_name"], sae.cfg["hook_name"], sae.cfg["context_size"]) == (model, site, 2048)
+    assert (sae.meta.model_name, sae.meta.site, sae.meta.context_size) == (model, site, 2048)
 
 
 def test_sparsify_refusals_and_a_run_directory(tmp_path, x):

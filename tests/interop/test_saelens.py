@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 import saeforge as sf
 from saeforge.interop import InteropError, export_saelens, read_sae
-from saeforge.saes import REGISTRY
+from saeforge.saes import REGISTRY, SAEMetadata
 
 from interop_helpers import D_IN, D_SAE, assert_same, realistic
 
@@ -77,9 +77,8 @@ def _made(arch, options, x):
         with torch.no_grad():
             sae.W_dec.mul_(torch.linspace(0.3, 3.0, D_SAE)[:, None])  # trained without the norm constraint
     sae.eval()
-    sae.cfg.update(model_name="gemma-3-270m-q4_k_m", hook_name="blocks.9.resid_post", context_size=128,
-                   dataset="embedded", activation_scale=0.01)
-    sae.cfg["saeforge"] = {"max_input_norm": 5000.0}
+    sae.meta = SAEMetadata(model_name="gemma-3-270m-q4_k_m", site="blocks.9.resid_post", context_size=128,
+                           dataset="embedded", activation_scale=0.01, max_input_norm=5000.0)
     return sae
 
 
@@ -109,9 +108,9 @@ def test_every_architecture_round_trips_and_matches_saelens_maths(tmp_path, x, a
             cfg, tensors, x)), what=f"SAELens's equations on the export of {arch}")
     back = sf.load_sae(tmp_path / "saelens")
     assert back.architecture == arch and back.options() == sae.options()
-    assert back.cfg["hook_name"] == "blocks.9.resid_post" and back.cfg["model_name"] == "gemma-3-270m-q4_k_m"
-    assert back.cfg["activation_scale"] == 0.01 and back.cfg["saeforge"]["max_input_norm"] == 5000.0
-    assert back.cfg["saeforge"]["imported"]["format"] == "saelens"
+    assert back.meta.site == "blocks.9.resid_post" and back.meta.model_name == "gemma-3-270m-q4_k_m"
+    assert back.meta.activation_scale == 0.01 and back.meta.max_input_norm == 5000.0
+    assert back.meta.imported["format"] == "saelens"
     with torch.no_grad():
         assert_same(f, back.encode(x), x_hat, back(x), tol=0, what=f"{arch} back from SAELens")
     if callable(getattr(sae, "to_jumprelu", None)):
@@ -133,7 +132,7 @@ def test_hook_names_in_the_forms_saelens_expects(tmp_path):
              ("/some/local/model", "model.layers.2.mlp", "model.layers.2.mlp", "model.layers.2.mlp.output", "none")]
     for model, site, tl, hf, reshape in cases:
         sae = sf.ReluSAE(8, 16)
-        sae.cfg.update(model_name=model, hook_name=site)
+        sae.meta = SAEMetadata(model_name=model, site=site)
         cfg = sae.cfg_dict()
         assert (cfg["metadata"]["hook_name"], cfg["metadata"]["hf_hook_name"], cfg["reshape_activations"]) == (
             tl, hf, reshape), model
@@ -170,8 +169,8 @@ def _check_read(tmp_path, cfg, tensors, x, *, scale=1.0, expect=None, **read):
         assert_same(f_ref, sae.encode(x), x_ref, sae(x), what=cfg["architecture"])
     if expect:
         assert sae.architecture == expect
-    assert sae.cfg["hook_name"] == "blocks.9.resid_post" and sae.cfg["model_name"] == "google/gemma-3-270m"
-    assert sae.cfg["context_size"] == 1024
+    assert sae.meta.site == "blocks.9.resid_post" and sae.meta.model_name == "google/gemma-3-270m"
+    assert sae.meta.context_size == 1024
     return sae
 
 
@@ -192,7 +191,7 @@ def test_topk_with_rescale_acts_by_decoder_norm_is_folded_exactly(tmp_path, x):
     sae = _check_read(tmp_path, saelens_cfg("topk", k=8, rescale_acts_by_decoder_norm=True), t, x, expect="topk")
     assert sae.k == 8
     assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(D_SAE), atol=1e-6)
-    assert any("rescale_acts_by_decoder_norm" in c for c in sae.cfg["saeforge"]["imported"]["conversions"])
+    assert any("rescale_acts_by_decoder_norm" in c for c in sae.meta.imported["conversions"])
 
 
 def test_apply_b_dec_to_input_false_is_folded_into_the_encoder(tmp_path, x):
@@ -209,7 +208,7 @@ def test_expected_average_only_in_needs_its_factor(tmp_path, x):
     with pytest.raises(InteropError, match="activation_scaler.json"):
         sf.load_sae(tmp_path / "sl")
     sae = _check_read(tmp_path, cfg, t, x, scale=s, activation_scale=s)
-    assert "given" in sae.cfg["saeforge"]["imported"]["conversions"][0]
+    assert "given" in sae.meta.imported["conversions"][0]
     (tmp_path / "sl" / "activation_scaler.json").write_text(json.dumps({"scaling_factor": s}))
     _check_read(tmp_path, cfg, t, x, scale=s)
 
@@ -251,7 +250,7 @@ def test_batchtopk_training_checkpoint_reads_as_saelens_saves_it_for_inference(t
     write_saelens(tmp_path / "b", cfg, t)
     sae = sf.load_sae(tmp_path / "b")
     assert sae.architecture == "jumprelu"
-    assert sae.cfg["saeforge"]["imported"]["training_architecture"] == "batchtopk"
+    assert sae.meta.imported["training_architecture"] == "batchtopk"
     # SAELens's inference form: norms folded (W_enc * n, b_enc * n, W_dec / n), threshold = topk_threshold.
     folded = {"W_enc": t["W_enc"] * norms, "b_enc": t["b_enc"] * norms, "W_dec": t["W_dec"] / norms[:, None],
               "b_dec": t["b_dec"], "threshold": torch.full((D_SAE,), theta)}
@@ -269,7 +268,7 @@ def test_legacy_configs_and_checkpoints(tmp_path, x):
               "activation_fn_kwargs": {"k": 8}, "normalize_activations": False, "apply_b_dec_to_input": True}
     write_saelens(tmp_path / "legacy", legacy, t)
     sae = sf.load_sae(tmp_path / "legacy")
-    assert sae.architecture == "topk" and sae.k == 8 and sae.cfg["hook_name"] == "blocks.9.resid_post"
+    assert sae.architecture == "topk" and sae.k == 8 and sae.meta.site == "blocks.9.resid_post"
     with torch.no_grad():
         f_ref = saelens_encode({"architecture": "topk", "k": 8}, t, x)
         assert_same(f_ref, sae.encode(x), saelens_decode({"architecture": "topk"}, t, f_ref), sae(x))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import saeforge as sf
-from saeforge.saes import REGISTRY, load_sae
+from saeforge.saes import REGISTRY, SAEMetadata, load_sae
 
 ARCHS = {
     "relu": {},
@@ -138,7 +138,7 @@ def test_jumprelu_from_untied_gated_is_refused():
 @pytest.mark.parametrize("label", list(ARCHS))
 def test_save_load_round_trip_is_bit_exact(label, tmp_path):
     sae = make(label)
-    sae.cfg.update(model_name="tiny", hook_name="blocks.1.resid_post", context_size=16)
+    sae.meta = SAEMetadata(model_name="tiny", site="blocks.1.resid_post", context_size=16)
     counts = torch.arange(sae.d_sae, dtype=torch.float32)
     sae.save(tmp_path / label, sparsity=counts, n_tokens=1000)
     loaded = load_sae(tmp_path / label)
@@ -150,7 +150,7 @@ def test_save_load_round_trip_is_bit_exact(label, tmp_path):
         assert torch.equal(a[k], b[k]), k
     x, g = torch.randn(10, 12), torch.randn(10, 12)
     assert torch.equal(run(sae, x, g), run(loaded, x, g))
-    assert loaded.cfg["hook_name"] == "blocks.1.resid_post"
+    assert loaded.meta.site == "blocks.1.resid_post"
     assert (tmp_path / label / "sparsity.safetensors").exists()
 
 

@@ -140,9 +140,9 @@ def test_exported_jumprelu_reproduces_the_inference_features(name, tmp_path):
     sae = make(name)
     for s in range(5):  # theta from training steps
         sae.loss_and_grads(batch(seed=s))
-    sae.cfg["hook_name"] = "blocks.3.resid_post"
+    sae.meta.site = "blocks.3.resid_post"
     jr = sae.to_jumprelu()
-    assert isinstance(jr, JumpReLUSAE) and jr.cfg["hook_name"] == "blocks.3.resid_post"
+    assert isinstance(jr, JumpReLUSAE) and jr.meta.site == "blocks.3.resid_post"
     assert torch.equal(jr.threshold, sae.threshold.expand(D_SAE))
     x = batch(500, seed=77)
     with torch.no_grad():

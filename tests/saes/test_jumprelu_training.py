@@ -299,4 +299,4 @@ def test_fold_activation_scale_divides_the_threshold():
     torch.testing.assert_close(sae.threshold.detach(), theta / c)
     assert torch.equal(f_raw != 0, f_scaled != 0)
     torch.testing.assert_close(f_raw, f_scaled / c, rtol=1e-4, atol=1e-5)
-    assert sae.cfg["activation_scale"] == c
+    assert sae.meta.activation_scale == c

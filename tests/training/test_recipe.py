@@ -137,4 +137,4 @@ def test_training_from_a_cache_for_several_epochs_logs_held_out_mse_and_outliers
     assert saved["saeforge"]["max_input_norm"] == pytest.approx(trainer.stream.max_input_norm)
     assert saved["training"]["excluded_tokens"] == 15
     assert saved["training"]["heldout_mse"] == pytest.approx(metrics["heldout_mse"])
-    assert load_sae(result.sae_dirs["relu"]).cfg["saeforge"]["max_input_norm"] == saved["saeforge"]["max_input_norm"]
+    assert load_sae(result.sae_dirs["relu"]).meta.max_input_norm == saved["saeforge"]["max_input_norm"]

@@ -43,11 +43,11 @@ def convert_command(
     """
     sae, out = convert(src, dst, to, format=format, model=model, site=site, activation_scale=activation_scale,
                        fold_decoder_norm=fold_decoder_norm, overwrite=overwrite)
-    imported = (sae.cfg.get("saeforge") or {}).get("imported") or {}
+    imported = sae.meta.imported or {}
     source = f"{imported.get('format', 'saeforge')}, {imported.get('source_architecture', sae.architecture)}"
     print(f"read:   {src} ({source})")
     print(f"wrote:  {out} ({to}: {sae.variant()}, d_in={sae.d_in}, d_sae={sae.d_sae})")
-    print(f"model:  {sae.cfg.get('model_name')}   site: {sae.cfg.get('hook_name')}")
+    print(f"model:  {sae.meta.model_name}   site: {sae.meta.site}")
     for line in imported.get("conversions", []):
         print(f"  converted: {line}")
     for line in imported.get("missing", []):

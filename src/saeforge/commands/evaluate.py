@@ -19,7 +19,7 @@ from saeforge.commands.output import print_report, write_json
 from saeforge.config import ConfigError, DataConfig, EvalConfig, RunConfig, to_dict
 from saeforge.data import eval_contexts
 from saeforge.evaluation.compare import matched_l0_table
-from saeforge.evaluation.evaluate import evaluate, sae_max_input_norm
+from saeforge.evaluation.evaluate import evaluate
 from saeforge.files import check_writable_dir
 from saeforge.models import load_lm, site_width_before_loading
 from saeforge.saes import load_sae
@@ -27,7 +27,14 @@ from saeforge.viz.eval_figures import eval_figures
 from saeforge.viz.pareto import pareto_figures
 
 
-def _check_widths(entries: list[tuple[Path, int]], site: str, model_name: str, d_site: int | None) -> None:
+def load_for_command(d: Path, model: str | None, site: str | None, context_len: int | None):
+    """A saved SAE and the (model, site, context length) a command runs it at: the flags where given, else its
+    cfg.json's model_name, hook_name and context_size (else 128). Returns (sae, model, site, context_len)."""
+    sae = load_sae(d)
+    return (sae, *sae.meta.where_it_runs(model, site, context_len, f"{d}/cfg.json"))
+
+
+def check_widths(entries: list[tuple[Path, int]], site: str, model_name: str, d_site: int | None) -> None:
     for d, d_in in entries:
         if d_site is not None and d_in != d_site:
             raise ConfigError(f"SAE {d} has d_in = {d_in}, but site {site!r} of {model_name} has width {d_site}: "
@@ -101,25 +108,17 @@ def eval_command(
         raise ConfigError(f"command line: {e}") from e
     groups: dict[tuple[str, str, int], list[tuple[Path, int]]] = defaultdict(list)
     for d in map(Path, sae_dirs):
-        sae = load_sae(d)
-        sae_max_input_norm(sae, d.name)
-        m, s = model or sae.cfg.get("model_name"), site or sae.cfg.get("hook_name")
-        if not isinstance(m, str) or not m or not isinstance(s, str) or not s:
-            raise ConfigError(f"{d}/cfg.json records no model_name/hook_name; pass --model and --site")
-        ctx = context_len or sae.cfg.get("context_size") or 128
-        if isinstance(ctx, bool) or not isinstance(ctx, int) or ctx < 2:
-            raise ConfigError(f"{d}/cfg.json: context_size must be an integer of at least 2, got {ctx!r}; "
-                              "pass --context-len")
+        sae, m, s, ctx = load_for_command(d, model, site, context_len)
         groups[(m, s, ctx)].append((d, sae.d_in))
     check_writable_dir(out, "--out")
     for (model_name, site_name, _), entries in groups.items():  # from config.json, before any weights load
-        _check_widths(entries, site_name, model_name, site_width_before_loading(model_name, site_name))
+        check_widths(entries, site_name, model_name, site_width_before_loading(model_name, site_name))
 
     rows, pca, figures = [], [], []
     for gi, ((model_name, site_name, ctx), entries) in enumerate(groups.items()):
         lm = load_lm(model_name, device=device, dtype=dtype)
         print(f"language model: {lm.precision.describe()}", file=sys.stderr)
-        _check_widths(entries, site_name, lm.name, lm.site_dim(site_name))
+        check_widths(entries, site_name, lm.name, lm.site_dim(site_name))
         dirs = [d for d, _ in entries]
         precision = lm.precision.record()
         data_cfg = DataConfig(source=source, context_len=ctx)

@@ -37,7 +37,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from saeforge.errors import UserError
-from saeforge.files import file_sha256, write_atomic
+from saeforge.files import file_sha256, read_json, write_atomic
 
 MANIFEST = "manifest.json"
 CACHE_FORMAT = "saeforge-activation-cache"
@@ -192,10 +192,7 @@ class ActivationCache:
         path = self.dir / MANIFEST
         if not path.exists():
             raise CacheError(f"{self.dir} has no {MANIFEST}: not an activation cache, or its harvest did not finish")
-        try:
-            self.manifest = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CacheError(f"{path} is not valid JSON: {e}") from e
+        self.manifest = read_json(path, CacheError, expect_object=False)
         if not isinstance(self.manifest, dict) or self.manifest.get("format") != CACHE_FORMAT:
             raise CacheError(f"{path} is not a saeforge activation cache manifest")
         self._check_seal(path)

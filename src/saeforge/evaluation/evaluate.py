@@ -36,7 +36,6 @@ One row (dict) per SAE, then one per SAE and ITO target:
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,7 +74,6 @@ from saeforge.evaluation.splice import (
     splice_mask,
 )
 from saeforge.evaluation.steering import steering_effects
-from saeforge.saes.base import SAELoadError
 
 # Directions per set for the directional-derivative analysis (random sets, and decoder rows sampled when wider).
 N_DIRECTIONS = 4096
@@ -92,19 +90,8 @@ def _load(entry, index: int):
         sae, name, path = load_sae(path), path.name, str(path)
     else:
         sae, path = entry, None
-        name = (getattr(entry, "cfg", None) or {}).get("name") or f"{entry.architecture}_{index}"
-    return sae, name, path, sae_max_input_norm(sae, name)
-
-
-def sae_max_input_norm(sae, name: str) -> float | None:
-    """The SAE's outlier threshold: sae.cfg["saeforge"]["max_input_norm"] (cfg.json's saeforge.max_input_norm,
-    which load_sae keeps there), None when absent; else a finite positive number."""
-    value = ((getattr(sae, "cfg", None) or {}).get("saeforge") or {}).get("max_input_norm")
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise SAELoadError(f"SAE {name!r}: saeforge.max_input_norm must be a finite positive number, got {value!r}")
-    return float(value)
+        name = entry.meta.name or f"{entry.architecture}_{index}"
+    return sae, name, path, sae.meta.max_input_norm
 
 
 def _as_batches(contexts, batch_size: int, device) -> list[Tensor]:
@@ -119,7 +106,6 @@ def _as_batches(contexts, batch_size: int, device) -> list[Tensor]:
 
 
 def _describe(sae, name: str, path, lm, site: str) -> dict:
-    cfg = getattr(sae, "cfg", None) or {}
     variant = sae.variant() if hasattr(sae, "variant") else sae.architecture
     row = {"name": name, "path": path, "architecture": sae.architecture, "variant": variant,
            "model": lm.name, "site": site, "d_in": sae.d_in, "d_sae": sae.d_sae}
@@ -128,9 +114,9 @@ def _describe(sae, name: str, path, lm, site: str) -> dict:
         row["ito_k"] = k
         k = getattr(sae.sae, "k", None)
     row["k"] = k
-    training = cfg.get("training") if isinstance(cfg.get("training"), dict) else {}
-    row["sparsity_coeff"] = cfg.get("sparsity_coeff", training.get("sparsity_coeff"))
-    row["target_l0"] = cfg.get("target_l0", training.get("target_l0"))
+    training = sae.meta.training
+    row["sparsity_coeff"] = training.sparsity_coeff if training is not None else None
+    row["target_l0"] = training.target_l0 if training is not None else None
     return row
 
 

@@ -44,7 +44,7 @@ class GradientPursuitSAE(nn.Module):
         self.sae, self.k = sae, int(k)
         self.d_in, self.d_sae = sae.d_in, sae.d_sae
         self.architecture = f"ito:{sae.architecture}"
-        self.cfg = dict(getattr(sae, "cfg", {}), ito_k=self.k)
+        self.meta = sae.meta
 
     @property
     def W_dec(self) -> Tensor:

@@ -7,7 +7,7 @@ what it read as a saeforge directory, a SAELens directory, or a JumpReLU.
     export_saelens(sae, "out/")                                                        # opens in SAELens
 
 Each reader gives an SAE with the same features and reconstructions as the source, up to float rounding (rewrites
-are listed in sae.cfg["saeforge"]["imported"]["conversions"]), or refuses with the reason; what a format does not
+are listed in sae.meta.imported["conversions"]), or refuses with the reason; what a format does not
 record (model, site, context, activation scale) is listed under "missing". Foreign files are read without pickle:
 safetensors, JSON, numpy with allow_pickle=False, torch.load(weights_only=True).
 """
@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
+from saeforge.files import read_json
 from saeforge.interop.build import InteropError
 from saeforge.saes.base import SAE
 
@@ -33,17 +34,10 @@ FORMATS: dict[str, str] = {
 }
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InteropError(f"{path}: not valid JSON: {e}") from e
-
-
 def _why_not(directory: Path) -> dict[str, str]:
     """For each format, why `directory` is not one ("" where it is)."""
     cfg_path = directory / "cfg.json"
-    cfg = _read_json(cfg_path) if cfg_path.is_file() else None
+    cfg = read_json(cfg_path, InteropError, expect_object=False) if cfg_path.is_file() else None
     has = {name: (directory / name).is_file() for name in
            ("cfg.json", "sae_weights.safetensors", "sae.safetensors", "ae.pt", "params.safetensors", "params.npz")}
     native = isinstance(cfg, dict) and isinstance(cfg.get("saeforge"), dict) and "architecture" in cfg["saeforge"]
@@ -133,10 +127,10 @@ def read_sae(path: str | os.PathLike, *, format: str | None = None, model: str |
             raise InteropError(f"{directory}: cannot read it as {fmt}: {e}") from e
         if fold_decoder_norm and fmt != "saelens":
             _fold_norms_in_place(sae)
-    imported = (sae.cfg.get("saeforge") or {}).get("imported")
-    for key, value, label in (("model_name", model, "model name"), ("hook_name", site, "saeforge site")):
+    imported = sae.meta.imported
+    for key, value, label in (("model_name", model, "model name"), ("site", site, "saeforge site")):
         if value is not None:
-            sae.cfg[key] = value
+            setattr(sae.meta, key, value)
             if imported is not None:
                 imported["missing"] = [m for m in imported["missing"] if not m.startswith(label)]
                 imported.setdefault("given", {})[key] = value
@@ -160,7 +154,7 @@ def _fold_norms_in_place(sae: SAE) -> None:
     dtype = sae.W_dec.dtype
     with torch.no_grad():
         sae.load_state_dict({k: v.to(dtype) for k, v in p.items()})
-    imported = (sae.cfg.get("saeforge") or {}).get("imported")
+    imported = sae.meta.imported
     if imported is not None:
         imported["conversions"].append("decoder norms folded into the encoder (unit-norm rows; features scale by "
                                        "the norms)")

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from saeforge.saes.base import REGISTRY, SAE, SAELoadError
+from saeforge.saes.metadata import SAEMetadata
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64,
            "torch.float32": torch.float32, "torch.bfloat16": torch.bfloat16, "torch.float16": torch.float16,
@@ -141,8 +142,8 @@ def record(sae: SAE, *, fmt: str, path: str | os.PathLike, source_architecture: 
            site: str | None, source_hook: str | None = None, context_size: int | None = None,
            dataset: str | None = None, conversions: list[str] | None = None, missing: list[str] | None = None,
            extra: dict | None = None, scale_known: bool = False) -> SAE:
-    """Fill sae.cfg the way load_sae does for a saeforge directory, plus `saeforge.imported`: the source format,
-    path and architecture, each rewrite applied, and what the source does not record."""
+    """Fill sae.meta: model, site, context and dataset as the source records them, and `imported`: the source
+    format, path and architecture, each rewrite applied, and what the source does not record."""
     missing = list(missing or [])
     if not model_name:
         missing.append("model name (pass --model to eval, or convert with --model)")
@@ -154,17 +155,12 @@ def record(sae: SAE, *, fmt: str, path: str | os.PathLike, source_architecture: 
     if not scale_known:
         missing.append("activation scale and outlier threshold of training (not part of this format; eval splices "
                        "every non-BOS position)")
-    cfg: dict[str, Any] = {"model_name": model_name, "hook_name": site}
-    if context_size is not None:
-        cfg["context_size"] = context_size
-    if dataset is not None:
-        cfg["dataset"] = dataset
     imported = {"format": fmt, "path": str(Path(path)), "source_architecture": source_architecture,
                 "conversions": list(conversions or []), "missing": missing}
     if source_hook is not None:
         imported["source_hook"] = source_hook
     if extra:
         imported.update(extra)
-    cfg["saeforge"] = {"imported": imported}
-    sae.cfg = cfg
+    sae.meta = SAEMetadata(model_name=model_name, site=site, context_size=context_size, dataset=dataset,
+                           imported=imported)
     return sae

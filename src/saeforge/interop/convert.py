@@ -12,6 +12,7 @@ saeforge reads and write it.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -45,10 +46,8 @@ def as_jumprelu(sae: SAE) -> SAE:
         raise InteropError(f"a {sae.architecture} SAE has no JumpReLU form: "
                            + ("its selection keeps each token's k largest latents, a rank, not a threshold"
                               if sae.sparsity == "k" else "saeforge knows no exact conversion"))
-    jr.cfg = {**sae.cfg, **{k: v for k, v in jr.cfg.items() if k not in sae.cfg}}
-    own = dict(sae.cfg.get("saeforge") or {})
-    own["converted_from"] = sae.variant()
-    jr.cfg["saeforge"] = own
+    jr.meta = copy.deepcopy(sae.meta)
+    jr.meta.converted_from = sae.variant()
     return jr
 
 

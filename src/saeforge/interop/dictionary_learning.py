@@ -26,7 +26,6 @@ buffer.ctx_len.
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import re
@@ -34,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from saeforge.files import read_json
 from saeforge.interop.build import InteropError, build_sae, check_tensors, float64, fold_input_bias, record
 from saeforge.saes.base import SAE
 
@@ -64,10 +64,7 @@ def read_dictionary_learning(directory: str | os.PathLike, **_) -> SAE:
     state = {k: v for k, v in loaded.items() if isinstance(v, torch.Tensor)}  # e.g. _hub_mixin_config: not weights
     config: dict = {}
     if cfg_path.is_file():
-        try:
-            config = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise InteropError(f"{cfg_path}: not valid JSON: {e}") from e
+        config = read_json(cfg_path, InteropError)
     trainer = config.get("trainer") if isinstance(config.get("trainer"), dict) else {}
     buffer = config.get("buffer") if isinstance(config.get("buffer"), dict) else {}
     dict_class = trainer.get("dict_class")

@@ -20,7 +20,6 @@ config.json the folder name (resid_post/layer_9_width_16k_l0_medium) gives the s
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import zipfile
@@ -32,6 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from saeforge.interop import hooks
+from saeforge.files import read_json
 from saeforge.interop.build import InteropError, build_sae, check_tensors, float64, fold_input_bias, record
 from saeforge.saes.base import SAE
 
@@ -117,12 +117,7 @@ def read_gemma_scope_2(directory: str | os.PathLike, **_) -> SAE:
     path, cfg_path = directory / GS2_FILE, directory / GS2_CONFIG
     config: dict = {}
     if cfg_path.is_file():
-        try:
-            config = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise InteropError(f"{cfg_path}: not valid JSON: {e}") from e
-        if not isinstance(config, dict):
-            raise InteropError(f"{cfg_path}: expected a JSON object")
+        config = read_json(cfg_path, InteropError)
     else:
         config = _gs2_infer_config(directory)
     arch = config.get("architecture", "jump_relu")

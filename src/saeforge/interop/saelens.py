@@ -48,11 +48,14 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from saeforge.config import ConfigError
 from saeforge.files import atomic_target, write_atomic
 from saeforge.interop import hooks
 from saeforge.interop.build import (InteropError, build_sae, check_tensors, dtype_of, float64, fold_decoder_norm,
                                     fold_input_bias, fold_input_scale, fold_whitening, record)
 from saeforge.saes.base import REGISTRY, SAE
+from saeforge.saes.metadata import SAEMetadata
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -102,10 +105,10 @@ def saelens_refusal(sae: SAE) -> str | None:
 
 
 def saelens_metadata(sae: SAE) -> dict[str, Any]:
-    """SAELens 6's metadata block for an SAE, from sae.cfg (saeforge's model name and site)."""
+    """SAELens 6's metadata block for an SAE, from sae.meta (saeforge's model name and site)."""
     import saeforge
 
-    model, site = sae.cfg.get("model_name"), sae.cfg.get("hook_name")
+    model, site = sae.meta.model_name, sae.meta.site
     tl = hooks.tl_hook_name(site)
     meta = {
         "sae_lens_version": CONFIG_LAYOUT_VERSION,
@@ -113,9 +116,9 @@ def saelens_metadata(sae: SAE) -> dict[str, Any]:
         "hook_name": tl if tl is not None else site,
         "hf_hook_name": hooks.hf_hook_name(site, model),
         "hook_head_index": None,
-        "context_size": sae.cfg.get("context_size"),
+        "context_size": sae.meta.context_size,
         "prepend_bos": True,
-        "dataset_path": sae.cfg.get("dataset"),
+        "dataset_path": sae.meta.dataset,
         "written_by": f"saeforge {saeforge.__version__}",
     }
     if model in hooks.EMBEDDED_NAMES:
@@ -130,7 +133,7 @@ def saelens_config(sae: SAE) -> dict[str, Any]:
     why whenever SAELens cannot hold it."""
     refusal = saelens_refusal(sae)
     silent = _silent_difference(sae)
-    parts = hooks.split_site(sae.cfg.get("hook_name"))
+    parts = hooks.split_site(sae.meta.site)
     cfg: dict[str, Any] = {
         "architecture": sae.saelens_architecture if silent is None else f"saeforge:{sae.architecture}",
         "d_in": sae.d_in,
@@ -162,12 +165,11 @@ def export_saelens(sae: SAE, directory: str | os.PathLike) -> Path:
     cfg = saelens_config(sae)
     if sae is not source:
         cfg["metadata"]["training_architecture"] = source.architecture
-    facts = {k: v for k, v in source.cfg.items() if k not in ("model_name", "hook_name", "saeforge")}
-    cfg["metadata"]["saeforge"] = {
-        "architecture": source.architecture, "options": source.options(),
-        "model_name": source.cfg.get("model_name"), "site": source.cfg.get("hook_name"),
-        "cfg": facts, "saeforge": source.cfg.get("saeforge", {}),
-    }
+    top, own = source.meta.to_cfg_json()
+    # saeforge's own facts ride along in SAELens's metadata, so reading the directory back restores them.
+    cfg["metadata"]["saeforge"] = {"architecture": source.architecture, "options": source.options(),
+                                   "model_name": source.meta.model_name, "site": source.meta.site,
+                                   "cfg": top, "saeforge": own}
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in sae.state_dict().items()}
@@ -371,10 +373,16 @@ def read_saelens(directory: str | os.PathLike, cfg: dict | None = None, *, activ
            source_hook=source_hook, context_size=meta.get("context_size"), dataset=meta.get("dataset_path"),
            conversions=conversions, extra=extra, scale_known="activation_scale" in facts)
     if mine:
-        sae.cfg.update({k: v for k, v in facts.items() if k not in sae.cfg})
         own = mine.get("saeforge") if isinstance(mine.get("saeforge"), dict) else {}
-        sae.cfg["saeforge"] = {**{k: v for k, v in own.items() if k != "imported"},
-                               "imported": sae.cfg["saeforge"]["imported"]}
+        try:
+            restored = SAEMetadata.from_cfg_json(facts, {k: v for k, v in own.items() if k != "imported"},
+                                                 f"{cfg_path}: metadata.saeforge")
+        except ConfigError as e:
+            raise InteropError(str(e)) from e
+        # The writer's facts (training, scale, outlier threshold) come back; what this import recorded stays.
+        restored.imported = sae.meta.imported
+        restored.model_name, restored.site = sae.meta.model_name, sae.meta.site
+        sae.meta = restored
     return sae
 
 

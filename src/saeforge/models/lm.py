@@ -15,6 +15,10 @@ Edit = Callable[[torch.Tensor], torch.Tensor]
 
 # Logit elements materialised at once when computing the loss; bounds memory for large vocabularies.
 _LOGIT_CHUNK_ELEMENTS = 1 << 25
+# Canonical site kinds that are the residual stream or are added to it: a direction there reaches the logits.
+_RESIDUAL_KINDS = ("resid_pre", "resid_post", "attn_out", "mlp_out")
+# Where transformers keeps the norm applied to the last block's output (Llama/Gemma/Qwen/Mistral, GPT-2, GPT-NeoX).
+_FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm")
 
 
 def position_chunks(n_positions: int, vocab_size: int) -> Iterator[slice]:
@@ -76,6 +80,8 @@ class LanguageModel:
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self._backbone = model.base_model
         self._head = model.get_output_embeddings()
+        self._final_norm = next((m for m in (getattr(self._backbone, n, None) for n in _FINAL_NORM_NAMES)
+                                 if isinstance(m, nn.Module)), None)
         self._softcap = getattr(text_config, "final_logit_softcapping", None)
         self.bos_token_id = _special_id(tokenizer, text_config, "bos")
         eos = _special_id(tokenizer, text_config, "eos")
@@ -105,12 +111,17 @@ class LanguageModel:
     def resolve(self, site: str) -> HookPoint:
         return self._sites.resolve(site)
 
+    def writes_residual(self, site: str) -> bool:
+        """Whether `site` is the residual stream or a sub-block's output added to it, so that a direction there
+        acts on the logits directly (`direction_logits`)."""
+        return self.resolve(site).block is not None and site.endswith(_RESIDUAL_KINDS)
+
     def site_dim(self, site: str) -> int:
         """Width d of the activation at `site`."""
         if site not in self._dims:
             point = self.resolve(site)
             module = self._sites.module(point)
-            if point.block is not None and site.endswith(("resid_pre", "resid_post", "attn_out", "mlp_out")):
+            if self.writes_residual(site):
                 self._dims[site] = self.d_model
             elif point.where == "input" and isinstance(module, nn.Linear):
                 self._dims[site] = module.in_features
@@ -214,6 +225,18 @@ class LanguageModel:
     def unembed(self) -> torch.Tensor:
         """W_U [d_model, vocab] in float32 (the transpose of the output embedding)."""
         return self._head.weight.detach().float().t()
+
+    @torch.no_grad()
+    def direction_logits(self, directions: torch.Tensor) -> torch.Tensor:
+        """[n, vocab] in the model's dtype: how much each residual-stream direction [n, d_model] raises each token's logit,
+        read through the final norm and then the unembedding. The norm's response to a direction d is
+        norm(d) - norm(0): RMSNorm's gain times d, LayerNorm's gain times d centred (its bias cancels), each divided
+        by d's own scale, a positive factor per row, so the order of tokens within a row is exact. The model's own
+        head computes it."""
+        d = directions.to(device=self.device, dtype=self.dtype)
+        if self._final_norm is not None:
+            d = self._final_norm(d) - self._final_norm(torch.zeros_like(d))
+        return self._head(d)
 
     # ---------------------------------------------------------------------------------------------------------
     # Capture

@@ -11,6 +11,7 @@ tests/evaluation/test_new_architecture.py does exactly this with an architecture
 the new file below so that it registers."""
 
 from saeforge.saes.base import REGISTRY, SAE, SAELoadError, SAELoss, architecture_class, create_sae, load_sae
+from saeforge.saes.metadata import Normalization, SAEMetadata, TrainingRecord
 from saeforge.saes.relu import ReluSAE
 from saeforge.saes.gated import GatedSAE
 from saeforge.saes.topk import TopKSAE
@@ -19,5 +20,6 @@ from saeforge.saes.jumprelu import JumpReLUSAE
 from saeforge.saes.batchtopk import BatchTopKSAE
 from saeforge.saes.matryoshka import MatryoshkaBatchTopKSAE
 
-__all__ = ["REGISTRY", "architecture_class", "SAE", "SAELoadError", "SAELoss", "create_sae", "load_sae", "ReluSAE", "GatedSAE", "TopKSAE",
+__all__ = ["REGISTRY", "architecture_class", "SAE", "SAELoadError", "SAELoss", "create_sae", "load_sae",
+           "SAEMetadata", "TrainingRecord", "Normalization", "ReluSAE", "GatedSAE", "TopKSAE",
            "GradientTopKSAE", "JumpReLUSAE", "BatchTopKSAE", "MatryoshkaBatchTopKSAE"]

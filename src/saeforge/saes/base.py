@@ -19,9 +19,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from saeforge.config import ConfigError
 from saeforge.errors import UserError
-from saeforge.files import atomic_target, write_atomic
+from saeforge.files import atomic_target, read_json, write_atomic
 from saeforge.saes.active import ActiveEntries
+from saeforge.saes.metadata import SAEMetadata
 
 WEIGHTS_FILE = "sae_weights.safetensors"
 CFG_FILE = "cfg.json"
@@ -217,8 +219,8 @@ class SAE(nn.Module):
         w_dec /= w_dec.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(w_dec.to(dtype=dtype, device=device))
         self.b_dec = nn.Parameter(torch.zeros(d_in, dtype=dtype, device=device))
-        # Free-form metadata written to cfg.json (model_name, hook_name, activation_scale, context_size, ...).
-        self.cfg: dict[str, Any] = {}
+        # Where the SAE came from (model, site, training, import record), typed; saved in cfg.json.
+        self.meta = SAEMetadata()
 
     @property
     def uses_sparsity_coeff(self) -> bool:
@@ -287,8 +289,8 @@ class SAE(nn.Module):
         with torch.no_grad():
             self.b_dec.div_(c)
         # Recorded for reference only: the saved weights already act on raw activations.
-        self.cfg["activation_scale"] = float(c)
-        self.cfg["activation_scale_folded"] = True
+        self.meta.activation_scale = float(c)
+        self.meta.activation_scale_folded = True
 
     def saelens_fields(self) -> dict[str, Any]:
         """Architecture-specific fields of SAELens's config (e.g. TopK's `k`)."""
@@ -384,15 +386,12 @@ class SAE(nn.Module):
         from saeforge.interop.saelens import saelens_config  # lazy: interop imports saes
 
         cfg = saelens_config(self)
-        # saeforge's own model and site names (SAELens 6 reads its names from `metadata`).
-        cfg.update({"model_name": self.cfg.get("model_name"), "hook_name": self.cfg.get("hook_name"),
-                    "context_size": self.cfg.get("context_size"), "dataset_path": self.cfg.get("dataset"),
+        top, own = self.meta.to_cfg_json()
+        # saeforge's own model and site names (SAELens 6 reads its names from `metadata`), then its other facts.
+        cfg.update({"model_name": None, "hook_name": None, "context_size": None, "dataset_path": None,
                     "prepend_bos": True})
-        cfg.update({k: v for k, v in self.cfg.items() if k not in cfg and k != "saeforge"})
-        # self.cfg["saeforge"] holds saeforge's own training facts (e.g. max_input_norm, normalization); they go
-        # into the same block as the architecture.
-        cfg["saeforge"] = {**self.cfg.get("saeforge", {}), "architecture": self.architecture,
-                           "options": self.options(), "version": 1}
+        cfg.update({k: v for k, v in top.items() if k not in cfg or cfg[k] is None})
+        cfg["saeforge"] = {**own, "architecture": self.architecture, "options": self.options(), "version": 1}
         return cfg
 
     def save(self, directory: str | os.PathLike, sparsity: Tensor | None = None, n_tokens: int | None = None) -> Path:
@@ -446,12 +445,7 @@ def load_sae(directory: str | os.PathLike, device=None) -> SAE:
     cfg_path, weights_path = directory / CFG_FILE, directory / WEIGHTS_FILE
     if not cfg_path.is_file():
         return _load_foreign(directory, device)
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SAELoadError(f"{cfg_path}: not valid JSON: {e}") from e
-    if not isinstance(cfg, dict):
-        raise SAELoadError(f"{cfg_path}: expected a JSON object, got a {type(cfg).__name__}")
+    cfg = read_json(cfg_path, SAELoadError)
     meta = cfg.get("saeforge")
     if not isinstance(meta, dict) or "architecture" not in meta:
         return _load_foreign(directory, device)  # SAELens, sparsify, ...: saeforge.interop reads them
@@ -494,15 +488,15 @@ def load_sae(directory: str | os.PathLike, device=None) -> SAE:
             raise SAELoadError(f"{weights_path}: tensor {k!r} holds {int((~torch.isfinite(v)).sum())} non-finite "
                                "values (NaN or Inf); the SAE is broken (retrain it or use an earlier save)")
     sae.load_state_dict(state)
-    saelens_keys = {"architecture", "d_in", "d_sae", "dtype", "device", "apply_b_dec_to_input", "k",
-                    "normalize_activations", "prepend_bos", "saeforge", "dataset_path", "reshape_activations",
-                    "metadata", "sae_lens_version", "rescale_acts_by_decoder_norm"}
-    sae.cfg = {k: v for k, v in cfg.items() if k not in saelens_keys}
-    extra = {k: v for k, v in meta.items() if k not in ("architecture", "options", "version")}
-    if extra:
-        sae.cfg["saeforge"] = extra
-    if cfg.get("dataset_path") is not None:
-        sae.cfg["dataset"] = cfg["dataset_path"]
+    saelens_only = {"architecture", "d_in", "d_sae", "dtype", "device", "apply_b_dec_to_input", "k",
+                    "normalize_activations", "prepend_bos", "saeforge", "reshape_activations", "metadata",
+                    "sae_lens_version", "rescale_acts_by_decoder_norm"}
+    try:
+        sae.meta = SAEMetadata.from_cfg_json(
+            {k: v for k, v in cfg.items() if k not in saelens_only},
+            {k: v for k, v in meta.items() if k not in ("architecture", "options", "version")}, str(cfg_path))
+    except ConfigError as e:
+        raise SAELoadError(str(e)) from e
     return sae.to(device) if device is not None else sae
 
 

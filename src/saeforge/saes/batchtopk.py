@@ -25,6 +25,8 @@ prefix reconstructing on its own; here M = 1, the plain BatchTopK loss.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor
 
@@ -105,7 +107,7 @@ class BatchTopKSAE(TopKSAE):
             for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
                 getattr(jr, name).copy_(getattr(self, name))
             jr.threshold.fill_(self.threshold.clamp_min(0))
-        jr.cfg = dict(self.cfg)
+        jr.meta = copy.deepcopy(self.meta)
         return jr
 
     # ---------------------------------------------------------------- training

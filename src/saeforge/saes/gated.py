@@ -11,6 +11,7 @@ sparsity and auxiliary terms. `GatedSAE.from_relu` builds the "baseline + rescal
 
 from __future__ import annotations
 
+import copy
 from typing import Literal
 
 import torch
@@ -20,6 +21,7 @@ from saeforge.saes.active import ActiveEntries, goes_sparse
 from saeforge.saes.base import (SAE, SAELoss, add_grad, count_fired, decoder_grad, decoder_norm_penalty_grad,
                                 encoder_pre_acts, register, relu_backward_, squared_error, with_bias_row,
                                 with_ones_column)
+from saeforge.saes.metadata import SAEMetadata
 
 
 @register("gated")
@@ -69,7 +71,7 @@ class GatedSAE(SAE):
             sae.b_mag.copy_(relu.b_enc)  # starts as the baseline itself
             sae.W_dec.copy_(relu.W_dec)
             sae.b_dec.copy_(relu.b_dec)
-        sae.cfg = dict(relu.cfg)
+        sae.meta = copy.deepcopy(relu.meta)
         return sae
 
     @classmethod
@@ -87,7 +89,7 @@ class GatedSAE(SAE):
         if sae.d_in != d_in:
             raise ValueError(f"{baseline} has d_in={sae.d_in}, the site has d={d_in}")
         sae.fold_activation_scale(1.0 / activation_scale)  # the saved baseline acts on raw x; training sees c*x
-        sae.cfg = {}
+        sae.meta = SAEMetadata()  # the baseline's facts describe the baseline, not this run
         return sae
 
     def saelens_refusal(self) -> str | None:

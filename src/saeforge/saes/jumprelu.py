@@ -33,6 +33,7 @@ From Gated: W_enc = diag(exp(r_mag)) W_gate, b_enc = b_mag, threshold = max(b_ma
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -172,7 +173,7 @@ class JumpReLUSAE(SAE):
             sae.threshold.copy_(torch.clamp(b_mag - scale * b_gate, min=0))
             sae.W_dec.copy_(gated.W_dec)
             sae.b_dec.copy_(gated.b_dec)
-        sae.cfg = dict(gated.cfg)
+        sae.meta = copy.deepcopy(gated.meta)
         return sae
 
     def encode(self, x: Tensor, grad: Tensor | None = None) -> Tensor:

@@ -26,7 +26,7 @@ import sys
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
@@ -36,6 +36,7 @@ from saeforge.errors import UserError
 from saeforge.files import check_writable_dir
 from saeforge.models.precision import choose_precision
 from saeforge.saes import REGISTRY, architecture_class
+from saeforge.saes.metadata import Normalization, SAEMetadata, TrainingRecord
 from saeforge.training.checkpoint import (CheckpointError, latest_checkpoint, load_newest_good_checkpoint,
                                          save_checkpoint, step_dir_name)
 from saeforge.training.distributed import Distributed, ReplicaSync, check_replicas
@@ -229,11 +230,15 @@ class Trainer:
                 return name
         return self.cfg.model.name
 
-    def _metadata(self) -> dict[str, Any]:
-        model_name = self._model_name()
-        return {"model_name": model_name, "hook_name": self.cfg.model.site, "context_size": self.cfg.data.context_len,
-                "dataset": self.cfg.data.cache_dir or self.cfg.data.source, "activation_scale": self.scale,
-                "precision": {"sae_compute": self.compute_precision.record(), "lm": self._lm_precision()}}
+    def _metadata(self, name: str, training: TrainingRecord) -> SAEMetadata:
+        return SAEMetadata(
+            model_name=self._model_name(), site=self.cfg.model.site, context_size=self.cfg.data.context_len,
+            dataset=str(self.cfg.data.cache_dir or self.cfg.data.source), name=name, activation_scale=self.scale,
+            activation_scale_folded=True, training=training,
+            precision={"sae_compute": self.compute_precision.record(), "lm": self._lm_precision()},
+            max_input_norm=self.stats.max_input_norm,  # raw units; None: no token was left out
+            normalization=Normalization(mode=self.cfg.train.normalize, scale=self.scale,
+                                        mean_norm=self.stats.mean_norm))  # ||mu||, raw units
 
     def _lm_precision(self) -> dict:
         """The LM's dtype and why: from the live LM, else the dtype the cache was harvested in."""
@@ -591,16 +596,16 @@ class Trainer:
                 if self.dist is not None:
                     self.dist.broadcast_(run.sae.b_dec.data)
 
-    def _training_record(self, run: SAERun, excluded_tokens: int) -> dict[str, Any]:
-        """The facts of training cfg.json keeps beside lambda: L0 target and L0 reached, outliers, epochs, MSEs."""
+    def _training_record(self, run: SAERun, tokens: int, excluded_tokens: int) -> TrainingRecord:
+        """What cfg.json keeps of training: lambda, the L0 target and L0 reached, outliers, epochs, MSEs."""
         last = self._last_metrics.get(run.name, {})
-        record: dict[str, Any] = {"excluded_tokens": excluded_tokens,
-                                  "last_epoch": int(getattr(self.stream, "epoch", 0)),  # 0 = the first
-                                  "l0": last.get("l0"), "train_mse": last.get("train_mse"),
-                                  "heldout_mse": last.get("heldout_mse")}
-        if run.l0_controller is not None:
-            record.update(target_l0=run.l0_controller.target_l0, l0_ema_at_freeze=run.l0_controller.l0_ema)
-        return record
+        controller = run.l0_controller
+        return TrainingRecord(
+            tokens=tokens, steps=self.step, lr=run.lr_schedule.base, sparsity_coeff=run.sparsity_coeff,
+            target_l0=controller.target_l0 if controller is not None else None,
+            l0_ema_at_freeze=controller.l0_ema if controller is not None else None,
+            l0=last.get("l0"), train_mse=last.get("train_mse"), heldout_mse=last.get("heldout_mse"),
+            excluded_tokens=excluded_tokens, last_epoch=int(getattr(self.stream, "epoch", 0)))
 
     def save_saes(self, excluded_tokens: Optional[int] = None) -> dict[str, Path]:
         """Each SAE to {out_dir}/{name}/ with the activation scale folded in and its firing counts.
@@ -608,18 +613,10 @@ class Trainer:
         if excluded_tokens is None:
             excluded_tokens = int(getattr(self.stream, "excluded_tokens", 0))
         dirs = {}
-        meta = self._metadata()
         tokens = self.step * self.cfg.train.batch_size
         for name, run in self.runs.items():
             sae = copy.deepcopy(run.sae).cpu()
             sae.fold_activation_scale(self.scale)
-            sae.cfg.update(meta)
-            sae.cfg["training"] = {"tokens": tokens, "steps": self.step, "sparsity_coeff": run.sparsity_coeff,
-                                   "lr": run.lr_schedule.base, **self._training_record(run, excluded_tokens)}
-            sae.cfg["saeforge"] = {
-                "max_input_norm": self.stats.max_input_norm,  # raw units; None: no token was left out
-                "normalization": {"mode": self.cfg.train.normalize, "scale": self.scale,
-                                  "mean_norm": self.stats.mean_norm},  # ||mu||, raw units
-            }
+            sae.meta = self._metadata(name, self._training_record(run, tokens, excluded_tokens))
             dirs[name] = sae.save(self.out_dir / name, sparsity=run.tracker.counts.cpu(), n_tokens=tokens)
         return dirs

@@ -19,7 +19,8 @@ floors measured alongside: `dense_floor` (the bare dense products of a dense ste
 benchmarks/train_step.py counts them; a dense ReLU's for TopK) and `active_floor` (the encoder product plus the
 selection of the active set: the positive entries for ReLU, the gate's for Gated, the exact top k for TopK). The
 speed-up is the fastest peer's median over saeforge's median. The CPU capability is in the JSON; run under
-ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 for an AVX2 machine's kernels.
+ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 for an AVX2 machine's kernels (float32
+products run in MKL, which reads only the last; without it they keep AVX-512).
 """
 
 from __future__ import annotations
@@ -191,7 +192,8 @@ def main() -> None:
     x = batch()
     results = [bench(arch, int(l0), args.rounds, args.threads, python, x)
                for arch in args.archs.split(",") for l0 in args.l0.split(",")]
-    env = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "OMP_NUM_THREADS")
+    env = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS",
+                                         "OMP_NUM_THREADS")
            if k in os.environ}
     print(json.dumps({**hardware_record("cpu"), "env": env, "d_in": D_IN, "d_sae": D_SAE, "batch": BATCH,
                       "dtype": "float32", "rounds": args.rounds, "warmup_rounds": 1, "lr": LR,

@@ -183,3 +183,10 @@ def test_top_k_indices_selects_what_topk_selects(k, width):
     torch.testing.assert_close(scores.gather(1, got).sort(-1, descending=True).values, expected, rtol=0, atol=0)
     untied = torch.randn(64, width)
     assert torch.equal(top_k_indices(untied, k).sort(-1).values, untied.topk(k, dim=-1).indices.sort(-1).values)
+
+
+def test_top_k_indices_keeps_leading_dimensions():
+    scores = torch.randn(3, 5, 1024)
+    got = top_k_indices(scores, 4)
+    assert got.shape == (3, 5, 4)
+    assert torch.equal(got.sort(-1).values, scores.topk(4, dim=-1).indices.sort(-1).values)

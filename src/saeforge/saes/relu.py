@@ -9,8 +9,8 @@ from torch import Tensor, nn
 
 from saeforge.saes.active import ActiveEntries, goes_sparse
 from saeforge.saes.base import (SAE, SAELoss, add_linear_grads, count_fired, decoder_grad,
-                                decoder_norm_penalty_grad, encoder_pre_acts, register, relu_backward_, squared_error, with_bias_row,
-                                with_ones_column)
+                                decoder_norm_penalty_grad, encoder_pre_acts, register, relu_backward_, squared_error,
+                                with_bias_row, with_ones_column)
 
 SparsityPenalty = Literal["l1", "l1_decoder_norm"]
 
@@ -80,7 +80,8 @@ class ReluSAE(SAE):
         w_dec_grad, f_sums = decoder_grad(f, g_1[:, :-1])
         f_sums = f_sums.float()
         w_enc_grad = x_1.T.contiguous() @ d_pre  # [d_in + 1, d_sae]: the last row is b_enc's gradient
-        self._add_grads(w_dec_grad, w_enc_grad[:-1], w_enc_grad[-1], g_1[:, :-1].float().sum(0), f_sums, norms, lam / n)
+        self._add_grads(w_dec_grad, w_enc_grad[:-1], w_enc_grad[-1], g_1[:, :-1].float().sum(0), f_sums, norms,
+                        lam / n)
         sparsity = (f_sums @ norms if norms is not None else f_sums.sum()) / n
         return SAELoss(recon + lam * sparsity, recon, sparsity, torch.zeros_like(recon), f, x_hat,
                        fired_counts=count_fired(f))

@@ -19,9 +19,11 @@ The dense products per step (B = batch, d = d_in, M = d_sae), as `loss_and_grads
   gradient_topk 2: encode, and the projection of the LM gradient onto the decoder rows [B,d]x[d,M]
   batchtopk, matryoshka_batchtopk 1: encode; the selection is over the whole batch (k*B entries), then sparse
   jumprelu 5: as relu (dense; the threshold's pseudo-derivatives are elementwise)
-For the k family it also gives selection_s (torch.topk over [B, M] alone) and dense_floor_s (the five products
-a dense implementation would run, as relu's), which place the step between what it cannot avoid and what the
-sparse path saves.
+These are the dense steps: the SAEs start from their initialisation, where about half the latents fire, far above
+the density below which relu, gated and jumprelu go sparse (`SAE.sparse_below`; benchmarks/peers.py times the
+sparse steps at planted L0s, against the peers). For the k family it also gives selection_s (the exact top-k
+selection over [B, M] alone, `topk.top_k_indices`) and dense_floor_s (the five products a dense implementation
+would run, as relu's), which place the step between what it cannot avoid and what the sparse path saves.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from saeforge.config import TrainConfig
 from saeforge.models.precision import hardware_record
 from saeforge.saes import architecture_class, create_sae
 from saeforge.saes.base import SAE
+from saeforge.saes.topk import top_k_indices
 from saeforge.training.memory import keep_freed_memory
 from saeforge.training.sae_run import SAERun
 from saeforge.training.schedules import StepPlan
@@ -132,7 +135,7 @@ def bench(arch: str, bf16: bool, rounds: int, device: torch.device) -> dict:
     fns = {"step": step, "floor": products(FLOOR_PRODUCTS[arch], dtype, device), "autograd_step": autograd_step}
     if takes_k:
         scores = torch.randn(BATCH, D_SAE, device=device, dtype=dtype, generator=g)
-        fns["selection"] = lambda: scores.topk(K, dim=-1, sorted=False)
+        fns["selection"] = lambda: top_k_indices(scores, K)
         fns["dense_floor"] = products(DENSE_STEP, dtype, device)
     times = {name: summary(t) for name, t in interleaved(fns, rounds, device).items()}
     (step_min, step_med), (floor_min, floor_med) = times["step"], times["floor"]

@@ -23,6 +23,8 @@ CASES = {
     "gated-decoder-norm": ("gated", {"sparsity_penalty": "l1_decoder_norm"}),
     "gated-decoder-norm-unfrozen": ("gated", {"sparsity_penalty": "l1_decoder_norm", "freeze_aux_decoder": False}),
     "gated-rescale-shift": ("gated-from-relu", {}),
+    "jumprelu": ("jumprelu", {}),
+    "jumprelu-wide-window": ("jumprelu", {"bandwidth": 0.5}),  # more entries in the window, off and on
     "topk": ("topk", {"k": 8}),
     "topk-auxk": ("topk", {"k": 8, "k_aux": 16}),
     "gradient_topk": ("gradient_topk", {"k": 8, "beta": 3.0}),

@@ -4,7 +4,9 @@ Adding an architecture touches one file plus its tests: subclass `SAE`, decorate
 declare what the rest of the library asks about it on the class (trainable, sparsity "coefficient" or "k",
 dead_latents, adam_betas, needs_grad, needs_lm, saelens_architecture, option_names), implement `encode`, `loss` (the
 paper's equations, autograd; `lm_loss` instead for a loss that runs through the LM, as e2e_topk's) and
-`latent_params`, and for speed `grads_by_hand` (add cases to tests/saes/test_backward.py).
+`latent_params`, and for speed `grads_by_hand` (add cases to tests/saes/test_backward.py; an architecture whose
+latents are sparse after the encoder can run the rest of the step on its active set with `active.ActiveEntries`
+below the density `sparse_below`: see relu.py, and tests/saes/test_sparse_steps.py).
 Config validation, the trainer, sweeps, evaluation, figures and save/load then work through the registry;
 tests/evaluation/test_new_architecture.py does exactly this with an architecture defined in a test module. Import
 the new file below so that it registers."""

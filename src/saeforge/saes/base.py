@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from saeforge.config import ConfigError
 from saeforge.errors import UserError
 from saeforge.files import atomic_target, read_json, write_atomic
+from saeforge.saes.active import ActiveEntries
 from saeforge.saes.metadata import SAEMetadata
 
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -47,22 +48,29 @@ def register(name: str):
 class SAELoss:
     """Scalars (`total`, `recon`, `sparsity`, `aux`) are batch means of per-token sums over dimensions.
 
-    `feats` [batch, d_sae] is built on first use when the SAE gave its active latents sparsely (`active`, a pair
-    (values, indices) [batch, k]); `fired()` counts firings per latent without building it, or returns the counts
-    a hand-derived backward already made (`fired_counts`)."""
+    `feats` [batch, d_sae] is built on first use when the SAE gave its active latents sparsely: `active` is a pair
+    (values [batch, k], indices [batch, k]), or (values [entries], an `ActiveEntries`) from a hand-derived step on
+    the active set; `fired()` counts firings per latent without building it, or returns the counts a hand-derived
+    backward already made (`fired_counts`)."""
 
     def __init__(self, total: Tensor, recon: Tensor, sparsity: Tensor, aux: Tensor, feats: Tensor | None,
-                 x_hat: Tensor, active: tuple[Tensor, Tensor] | None = None, d_sae: int | None = None,
-                 fired_counts: Tensor | None = None):
+                 x_hat: Tensor, active: tuple[Tensor, Tensor | ActiveEntries] | None = None,
+                 d_sae: int | None = None, fired_counts: Tensor | None = None):
         self.total, self.recon, self.sparsity, self.aux, self.x_hat = total, recon, sparsity, aux, x_hat
         self._feats, self.active, self._d_sae, self._fired = feats, active, d_sae, fired_counts
+        self.lead_shape: tuple[int, ...] | None = None  # the leading dimensions of x, where feats is built later
 
     @property
     def feats(self) -> Tensor:
         if self._feats is None:
-            vals, idx = self.active
+            vals, where = self.active
             with torch.no_grad():
-                self._feats = vals.new_zeros(*vals.shape[:-1], self._d_sae).scatter_(-1, idx, vals.detach())
+                if isinstance(where, ActiveEntries):
+                    feats = vals.new_zeros(where.n, self._d_sae)
+                    feats[where.tok, where.lat] = vals.detach()
+                else:
+                    feats = vals.new_zeros(*vals.shape[:-1], self._d_sae).scatter_(-1, where, vals.detach())
+            self._feats = feats if self.lead_shape is None else feats.reshape(*self.lead_shape, self._d_sae)
         return self._feats
 
     @torch.no_grad()
@@ -71,8 +79,10 @@ class SAELoss:
         if self._fired is not None:
             return self._fired
         if self._feats is None and self.active is not None:
-            vals, idx = self.active
-            return torch.bincount(idx[vals != 0], minlength=self._d_sae).to(torch.int32)
+            vals, where = self.active
+            if isinstance(where, ActiveEntries):
+                return where.fired(vals)
+            return torch.bincount(where[vals != 0], minlength=self._d_sae).to(torch.int32)
         return (self.feats != 0).reshape(-1, self.feats.shape[-1]).sum(0, dtype=torch.int32)
 
 
@@ -98,6 +108,16 @@ def add_grad(param: Tensor, grad: Tensor) -> None:
         param.grad = grad.to(param.dtype) if grad.is_contiguous() else torch.empty_like(param).copy_(grad)
     else:
         param.grad.add_(grad)
+
+
+def add_linear_grads(sae: "SAE", w_dec_grad: Tensor, w_enc_grad: Tensor, b_enc_grad: Tensor, g_sum: Tensor) -> None:
+    """Accumulate the gradients of an SAE with x_hat = f W_dec + b_dec and pre-activations W_enc^T (x - b_dec) +
+    b_enc: b_dec's is the output's gradient summed over tokens (g_sum) minus b_enc's through the encoder, since
+    b_dec is added at the output and subtracted at the input."""
+    add_grad(sae.W_dec, w_dec_grad)
+    add_grad(sae.W_enc, w_enc_grad)
+    add_grad(sae.b_enc, b_enc_grad)
+    add_grad(sae.b_dec, g_sum - b_enc_grad.float() @ sae.W_enc.T)
 
 
 def relu_backward_(grad: Tensor, out: Tensor) -> Tensor:
@@ -185,6 +205,9 @@ class SAE(nn.Module):
     # Its loss runs the live LM from the site to the logits in every step (`lm_loss`): training then reads whole
     # contexts from text (no cache) and runs them through the LM, clean and with this SAE's reconstruction spliced in.
     needs_lm: ClassVar[bool] = False
+    # The density of active latents (fraction of [batch, d_sae] entries) below which `grads_by_hand` runs on the
+    # active set (saes/active.py): the measured break-even of its sparse and dense steps. 0: always dense.
+    sparse_below: ClassVar[float] = 0.0
     # Names of constructor options saved in cfg.json and passed back by load_sae.
     option_names: ClassVar[tuple[str, ...]] = ()
 
@@ -245,6 +268,7 @@ class SAE(nn.Module):
                                          compute_dtype or torch.float32)
             if out is not None:
                 out.x_hat = out.x_hat.reshape(x.shape)
+                out.lead_shape = tuple(x.shape[:-1])
                 if out._feats is not None:
                     out._feats = out._feats.reshape(*x.shape[:-1], self.d_sae)
                 return out

@@ -28,63 +28,22 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from saeforge.saes.base import (SAELoss, add_grad, register, squared_error, with_bias_row,
+from saeforge.saes.active import ActiveEntries
+from saeforge.saes.base import (SAELoss, add_linear_grads, register, squared_error, with_bias_row,
                                 with_ones_column)
 from saeforge.saes.jumprelu import JumpReLUSAE
-from saeforge.saes.topk import ActiveLatents, TopKSAE
-
-
-class BatchActive:
-    """Entries (token, latent) kept by a batch-wide selection, in row-major order: a sparse [tokens, width] matrix
-    whose rows hold any number of entries (the ragged counterpart of topk.ActiveLatents), with the products a
-    training step needs. Latent indices are relative to the first latent of the slice of the dictionary it covers
-    (a Matryoshka group); each product costs (entries) * dim multiply-adds."""
-
-    def __init__(self, tok: Tensor, lat: Tensor, n: int, width: int):
-        self.tok, self.lat, self.n, self.width = tok, lat, n, width
-        self.offsets = torch.zeros(n + 1, dtype=torch.long, device=tok.device)  # CSR row pointers
-        self.offsets[1:] = torch.bincount(tok, minlength=n).cumsum(0)
-        # The transpose (latents as rows) for sums over tokens: entries grouped by latent.
-        self.order = lat.argsort(stable=True)
-        self.rows_t = torch.zeros(width + 1, dtype=torch.long, device=tok.device)
-        self.rows_t[1:] = torch.bincount(lat, minlength=width).cumsum(0)
-        self.tokens_t = tok[self.order]
-
-    def decode(self, vals: Tensor, W: Tensor) -> Tensor:
-        """[tokens, d_in]: for each token, the sum of its entries' values times their rows of W [width, d_in]."""
-        return F.embedding_bag(self.lat, W, self.offsets[:-1], mode="sum", per_sample_weights=vals.to(W.dtype))
-
-    def sum_over_tokens(self, values: Tensor, y: Tensor) -> Tensor:
-        """[width, dim]: for each latent, the sum over its entries of the entry's value times its token's y."""
-        return ActiveLatents._csr(self.rows_t, self.tokens_t, values[self.order], (self.width, self.n)) @ y
-
-    def dot_rows(self, y: Tensor, W: Tensor) -> Tensor:
-        """[entries]: y[token] . W[latent] for each entry (y @ W^T sampled at the entries)."""
-        pattern = ActiveLatents._csr(self.offsets, self.lat, y.new_ones(self.lat.numel()), (self.n, self.width))
-        return torch.sparse.sampled_addmm(pattern, y, W.T, beta=0.0).values()
+from saeforge.saes.topk import TopKSAE
 
 
 class BatchTopKLoss(SAELoss):
     """SAELoss with `prefix_recon` [M], each prefix's reconstruction loss (M = 1 for plain BatchTopK; `recon` is the
-    last, the whole dictionary's). The hand-derived backward gives its features as entries (token, latent, value)
-    of the batch-wide selection (`entries`, with the token count); the dense [tokens, d_sae] `feats` is then built
-    on first use."""
+    last, the whole dictionary's)."""
 
-    def __init__(self, *args, prefix_recon: Tensor, entries: tuple[Tensor, Tensor, Tensor, int] | None = None,
-                 **kwargs):
+    def __init__(self, *args, prefix_recon: Tensor, **kwargs):
         super().__init__(*args, **kwargs)
-        self.prefix_recon, self._entries = prefix_recon, entries
-
-    @property
-    def feats(self) -> Tensor:
-        if self._feats is None:
-            tok, lat, vals, n = self._entries
-            self._feats = vals.new_zeros(n, self._d_sae)
-            self._feats[tok, lat] = vals.detach()
-        return self._feats
+        self.prefix_recon = prefix_recon
 
 
 @register("batchtopk")
@@ -175,7 +134,7 @@ class BatchTopKSAE(TopKSAE):
 
     def grads_by_hand(self, x, sparsity_coeff, grad, dead_mask, compute_dtype) -> BatchTopKLoss:
         """`loss` and its gradients by hand. The encoder is the one dense product; after the selection everything
-        touches only the kept entries (`BatchActive`), one group of latents g_q = [s_{q-1}, s_q) at a time.
+        touches only the kept entries (`ActiveEntries`), one group of latents g_q = [s_{q-1}, s_q) at a time.
 
         Prefix m's reconstruction is x_hat_m = b_dec + sum_{q <= m} (group q's decoded part), so a latent of group q
         appears in the prefixes m >= q, and its gradient comes from G_q = sum_{m >= q} 2 (x_hat_m - x) / n."""
@@ -208,25 +167,22 @@ class BatchTopKSAE(TopKSAE):
             d_vals = active.dot_rows(G, self.W_dec[lo:hi]).mul_(v > 0)  # through the ReLU
             enc_grad_t[lo:hi] = active.sum_over_tokens(d_vals, x_c_1)
         aux = self.aux_k_grads_(pre, dead_mask, err, x_c_1, w_dec_grad, enc_grad_t)
-        b_enc_grad = enc_grad_t[:, -1]
-        add_grad(self.W_dec, w_dec_grad)
-        add_grad(self.W_enc, enc_grad_t[:, :-1].T)
-        add_grad(self.b_enc, b_enc_grad)
-        add_grad(self.b_dec, G.sum(0) - b_enc_grad @ self.W_enc.T)  # every prefix adds b_dec; x - b_dec encodes
-        fired = torch.bincount(lat[vals > 0], minlength=self.d_sae).to(torch.int32)
+        # Every prefix adds b_dec, so its output-side gradient is G's (the sum over prefixes).
+        add_linear_grads(self, w_dec_grad, enc_grad_t[:, :-1].T, enc_grad_t[:, -1], G.sum(0))
+        kept = groups[0][3] if len(groups) == 1 else ActiveEntries(tok, lat, n, self.d_sae)
         total = recons.sum() + self.aux_coeff * aux
         return BatchTopKLoss(total, recons[-1], torch.zeros_like(total), aux, None, x_hat, d_sae=self.d_sae,
-                             fired_counts=fired, entries=(tok, lat, vals, n), prefix_recon=recons)
+                             active=(vals, kept), fired_counts=kept.fired(vals), prefix_recon=recons)
 
-    def _groups(self, tok: Tensor, lat: Tensor, n: int) -> list[tuple[int, int, Tensor | slice, BatchActive | None]]:
-        """(lo, hi, which entries, their BatchActive in latents relative to lo) for each group [lo, hi) of latents
+    def _groups(self, tok: Tensor, lat: Tensor, n: int) -> list[tuple[int, int, Tensor | slice, ActiveEntries | None]]:
+        """(lo, hi, which entries, their ActiveEntries in latents relative to lo) for each group [lo, hi) of latents
         between consecutive prefix sizes; None for a group with no kept entry."""
         if len(self.prefix_sizes) == 1:
-            return [(0, self.d_sae, slice(None), BatchActive(tok, lat, n, self.d_sae))]
+            return [(0, self.d_sae, slice(None), ActiveEntries(tok, lat, n, self.d_sae))]
         groups = []
         for lo, hi in zip((0,) + self.prefix_sizes[:-1], self.prefix_sizes):
             sel = ((lat >= lo) & (lat < hi)).nonzero()[:, 0]  # keeps the row-major order
-            active = BatchActive(tok[sel], lat[sel] - lo, n, hi - lo) if sel.numel() else None
+            active = ActiveEntries(tok[sel], lat[sel] - lo, n, hi - lo) if sel.numel() else None
             groups.append((lo, hi, sel, active))
         return groups
 

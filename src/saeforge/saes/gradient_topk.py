@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from saeforge.saes.base import register
-from saeforge.saes.topk import TopKSAE
+from saeforge.saes.topk import TopKSAE, top_k_indices
 
 
 @register("gradient_topk")
@@ -61,7 +61,7 @@ class GradientTopKSAE(TopKSAE):
                              f"{tuple(pre.shape[:-1]) + (self.d_in,)} (the shape of x)")
         if not torch.isfinite(grad).all():
             raise ValueError("GradientTopKSAE: grad contains non-finite values")
-        return self.selection_score(pre.detach(), grad).topk(self.k, dim=-1, sorted=False).indices
+        return top_k_indices(self.selection_score(pre.detach(), grad), self.k)
 
     def fold_activation_scale(self, c: float) -> None:
         # Trained on x' = c x with grad' = grad / c: a scales by c and z by 1/c, so beta * a keeps its meaning

@@ -39,8 +39,10 @@ import math
 import torch
 from torch import Tensor, nn
 
-from saeforge.saes.base import (SAE, SAELoss, add_grad, count_fired, decoder_grad, encoder_pre_acts, register,
-                                relu_backward_, squared_error, with_bias_row, with_ones_column)
+from saeforge.saes.active import ActiveEntries, goes_sparse
+from saeforge.saes.base import (SAE, SAELoss, add_grad, add_linear_grads, count_fired, decoder_grad,
+                                encoder_pre_acts, register, relu_backward_, squared_error, with_bias_row,
+                                with_ones_column)
 
 # The paper's initial threshold and bandwidth (its training details: theta = eps = 0.001), in its units: activations
 # scaled to a mean squared norm of 1. saeforge trains on activations scaled to E||c (x - mu)||^2 = d_in (METHODS.md,
@@ -117,6 +119,9 @@ class JumpReLUSAE(SAE):
     adam_betas = (0.0, 0.999)
     dead_latents = "none"
     constrain_decoder_norm = True
+    # As ReLU's: the same products on the entries that fire or lie in the window (0.68x / 0.75x / 1.14x the dense
+    # step's time at densities 0.008 / 0.031 / 0.063 measured on a loaded machine).
+    sparse_below = 0.04
     option_names = ("bandwidth",)
 
     def __init__(self, d_in: int, d_sae: int, *, bandwidth: float | None = None, dtype: torch.dtype = torch.float32,
@@ -195,7 +200,9 @@ class JumpReLUSAE(SAE):
             d f           = g W_dec^T
             d pi          = d f * H(pi - theta)                          (no STE to pi)
             d theta_i     = -(1 / eps) sum_t K_ti (theta_i d f_ti + lambda / n)      (eqs. 11 and 12)
-        with K_ti = 1[|pi_ti - theta_i| < eps / 2]; W_enc, b_enc, W_dec and b_dec as in the ReLU SAE."""
+        with K_ti = 1[|pi_ti - theta_i| < eps / 2]; W_enc, b_enc, W_dec and b_dec as in the ReLU SAE. d f is needed
+        where a latent fires and within the window around theta, where it may be off; on a batch where those
+        entries are few (`goes_sparse`), everything after the encoder product runs on them alone."""
         if sparsity_coeff is None:
             raise ValueError("JumpReLUSAE needs sparsity_coeff (lambda of the L0 penalty)")
         cd = compute_dtype
@@ -203,6 +210,11 @@ class JumpReLUSAE(SAE):
         theta = _positive(self.threshold.detach()).float()
         x_1 = with_ones_column(x - self.b_dec, cd)
         pi = x_1 @ with_bias_row(self.W_enc, self.b_enc, cd)
+        # Every entry that fires (pi > theta) or lies in the window (|pi - theta| < eps / 2) is above theta - eps:
+        # a superset, so that rounding at the window's edge cannot leave one out.
+        floor = theta - eps
+        if goes_sparse(pi, floor, self.sparse_below):
+            return self._grads_on_active(x, x_1.float(), pi, floor, theta, lam)
         window = _window(pi, theta, eps)
         f = pi.mul_(pi > theta)  # in place: pi is not needed again
         W_dec = self.W_dec.to(cd)
@@ -215,17 +227,33 @@ class JumpReLUSAE(SAE):
         d_theta = -(theta * in_window + (lam / n) * window.sum(0, dtype=torch.float32)) / eps
         d_pi = relu_backward_(d_f, f)  # f > 0 exactly where pi > theta >= 0
         w_enc_grad = x_1.T.contiguous() @ d_pi  # [d_in + 1, d_sae]: the last row is b_enc's gradient
-        w_dec_grad, _ = decoder_grad(f, g)
-        add_grad(self.W_dec, w_dec_grad)
-        add_grad(self.W_enc, w_enc_grad[:-1])
-        add_grad(self.b_enc, w_enc_grad[-1])
+        add_linear_grads(self, decoder_grad(f, g)[0], w_enc_grad[:-1], w_enc_grad[-1], g.float().sum(0))
         add_grad(self.threshold, d_theta)
-        # b_dec is added at the output and subtracted at the input.
-        add_grad(self.b_dec, g.float().sum(0) - w_enc_grad[-1].float() @ self.W_enc.T)
         fired = count_fired(f)
         l0 = fired.sum(dtype=torch.float32) / n
-        total = recon + lam * l0
-        return SAELoss(total, recon, l0, torch.zeros_like(recon), f, x_hat, fired_counts=fired)
+        return SAELoss(recon + lam * l0, recon, l0, torch.zeros_like(recon), f, x_hat, fired_counts=fired)
+
+    def _grads_on_active(self, x, x_1, pi, floor, theta, lam) -> SAELoss:
+        """The same step on the entries above `floor` only (active.py): those that fire and those in the window."""
+        n, eps = x.shape[0], self.epsilon
+        active, pi = ActiveEntries.above(pi, floor)
+        theta_a = theta[active.lat]
+        window = _window(pi, theta_a, eps)
+        f = pi * (pi > theta_a)
+        x_hat = active.decode(f, self.W_dec) + self.b_dec
+        err = x_hat - x
+        recon = err.pow(2).sum() / n
+        g = err.mul_(2.0 / n)
+        d_f = active.dot_rows(g, self.W_dec)
+        in_window = active.latent_sums(d_f * window)
+        d_theta = -(theta * in_window + (lam / n) * active.latent_sums(window)) / eps
+        enc_grad_t = active.sum_over_tokens(d_f.mul_(f > 0), x_1)  # [d_sae, d_in + 1]; b_enc's in the last column
+        add_linear_grads(self, active.sum_over_tokens(f, g), enc_grad_t[:, :-1].T, enc_grad_t[:, -1], g.sum(0))
+        add_grad(self.threshold, d_theta)
+        fired = active.fired(f)
+        l0 = fired.sum(dtype=torch.float32) / n
+        return SAELoss(recon + lam * l0, recon, l0, torch.zeros_like(recon), None, x_hat, active=(f, active),
+                       d_sae=self.d_sae, fired_counts=fired)
 
     def latent_params(self) -> dict[str, int]:
         return {"W_enc": 1, "b_enc": 0, "threshold": 0, "W_dec": 0}

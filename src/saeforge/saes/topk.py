@@ -8,49 +8,38 @@ Decoding gathers the k active decoder rows (embedding_bag), which is much cheape
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from saeforge.saes.base import (SAE, SAELoss, add_grad, check_k, encoder_pre_acts, register, squared_error,
-                                with_bias_row, with_ones_column)
+from saeforge.saes.active import ActiveEntries
+from saeforge.saes.base import (SAE, SAELoss, add_linear_grads, check_k, encoder_pre_acts, register,
+                                squared_error, with_bias_row, with_ones_column)
 
 
-class ActiveLatents:
-    """The selected latents of each token, idx [tokens, k] (sorted in each row), as a sparse [tokens, d_sae]
-    matrix, with the two sparse products a training step needs besides decoding. Each costs tokens * k * d_in
-    multiply-adds, where the dense product would cost tokens * d_sae * d_in. Float32: the sparse kernels have no
-    bfloat16 version, and at this size they do not need one."""
+def top_k_indices(scores: Tensor, k: int) -> Tensor:
+    """Indices [..., k] of the k largest entries of each row of scores [..., m], in no order: the entries
+    torch.topk selects (up to ties), found with less of its per-element work.
 
-    def __init__(self, idx: Tensor, d_sae: int):
-        self.idx, self.d_sae = idx, d_sae
-        n, k = idx.shape
-        flat = idx.reshape(-1)
-        self.rows = torch.arange(0, n * k + 1, k, device=idx.device)
-        # The transpose (latents as rows) for sums over tokens: entries grouped by latent.
-        self.order = flat.argsort(stable=True)
-        self.rows_t = torch.zeros(d_sae + 1, dtype=torch.long, device=idx.device)
-        self.rows_t[1:] = torch.bincount(flat, minlength=d_sae).cumsum(0)
-        self.tokens_t = self.order // k
-
-    @staticmethod
-    def _csr(rows: Tensor, cols: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
-        with warnings.catch_warnings():  # "sparse CSR support is in beta": the operations used here are not
-            warnings.simplefilter("ignore")
-            return torch.sparse_csr_tensor(rows, cols, values, shape)
-
-    def sum_over_tokens(self, values: Tensor, y: Tensor) -> Tensor:
-        """[d_sae, dim]: for each latent, the sum over tokens of its value [tokens, k] times the token's y."""
-        n = self.idx.shape[0]
-        return self._csr(self.rows_t, self.tokens_t, values.reshape(-1)[self.order], (self.d_sae, n)) @ y
-
-    def dot_rows(self, y: Tensor, W: Tensor) -> Tensor:
-        """[tokens, k]: y[token] . W[latent] for each active latent (y @ W^T sampled at the active entries)."""
-        n, k = self.idx.shape
-        pattern = self._csr(self.rows, self.idx.reshape(-1), y.new_ones(n * k), (n, self.d_sae))
-        return torch.sparse.sampled_addmm(pattern, y, W.T, beta=0.0).values().view(n, k)
+    Each row's columns are split into G groups (group j: columns j, j + m/G, ...), and the k groups with the largest
+    maxima hold the row's k largest values: for the j-th largest value v_j (j <= k), either every group holding an
+    entry >= v_j is among the chosen k, or one is not, and then each of the k chosen groups has a maximum >= v_j;
+    either way the chosen groups hold at least j entries >= v_j. So the k largest of their k * G entries are the
+    row's k largest, exactly. One vectorised pass (the group maxima) then replaces most of topk's per-element work:
+    topk runs over m / G maxima and k * G candidates instead of m entries. Measured on one core (4096 x 8192,
+    float32): k 16 / 32 / 64 / 256 in 43 / 64 / 80 / 144 ms, against 69 / 87 / 120 / 225 ms for torch.topk; G = 8
+    was fastest up to k 64 and G = 4 at k 256. Where the groups would not shrink the work, torch.topk itself."""
+    lead, m = scores.shape[:-1], scores.shape[-1]
+    scores = scores.reshape(-1, m)
+    rows = scores.shape[0]
+    groups = 8 if k < 128 else 4
+    if m % groups or k * groups * 4 > m:
+        return scores.topk(k, dim=-1, sorted=False).indices.reshape(*lead, k)
+    width = m // groups
+    maxima = scores.view(rows, groups, width).amax(1)  # [rows, width]: group j's maximum at column j
+    chosen = maxima.topk(k, dim=-1, sorted=False).indices
+    columns = (chosen[:, :, None] + torch.arange(0, m, width, device=scores.device)).reshape(rows, k * groups)
+    return columns.gather(1, scores.gather(1, columns).topk(k, dim=-1, sorted=False).indices).reshape(*lead, k)
 
 
 @register("topk")
@@ -81,7 +70,7 @@ class TopKSAE(SAE):
     def select(self, pre: Tensor, grad: Tensor | None) -> Tensor:
         """Indices [..., k] of the active latents. The ReLU is monotone, so the top k of the pre-activations are the
         top k of z = ReLU(pre); it is applied to the k selected values only."""
-        return pre.topk(self.k, dim=-1, sorted=False).indices
+        return top_k_indices(pre, self.k)
 
     def encode_sparse(self, x: Tensor, grad: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """(values [..., k], indices [..., k], pre-activations [..., d_sae])."""
@@ -121,7 +110,7 @@ class TopKSAE(SAE):
 
     def grads_by_hand(self, x, sparsity_coeff, grad, dead_mask, compute_dtype) -> SAELoss:
         """`loss` and its gradients by hand. The encoder is the one dense product (and g-SAE's projection in the
-        selection); after the selection everything touches only the selected latents (`ActiveLatents`)."""
+        selection); after the selection everything touches only the selected latents (`ActiveEntries`)."""
         cd = compute_dtype
         n = x.shape[0]
         if grad is not None:
@@ -129,9 +118,9 @@ class TopKSAE(SAE):
         x_c_1 = with_ones_column(x - self.b_dec, torch.float32)
         pre = x_c_1.to(cd) @ with_bias_row(self.W_enc, self.b_enc, cd)
         idx = self.select(pre, grad).sort(dim=-1).values
-        vals = pre.gather(-1, idx).float().relu_()
-        active = ActiveLatents(idx, self.d_sae)
-        x_hat = self.decode_sparse(vals, idx)
+        active = ActiveEntries.of_rows(idx, self.d_sae)
+        vals = pre.gather(-1, idx).float().relu_().reshape(-1)
+        x_hat = active.decode(vals, self.W_dec) + self.b_dec
         err = x_hat - x
         recon = err.pow(2).sum() / n
         g = err * (2.0 / n)  # d recon / d x_hat
@@ -141,15 +130,10 @@ class TopKSAE(SAE):
         # unlike a scatter-add with atomics on a GPU).
         enc_grad_t = active.sum_over_tokens(d_vals, x_c_1)
         aux = self.aux_k_grads_(pre, dead_mask, err, x_c_1, w_dec_grad, enc_grad_t)
-        b_enc_grad = enc_grad_t[:, -1]
-        add_grad(self.W_dec, w_dec_grad)
-        add_grad(self.W_enc, enc_grad_t[:, :-1].T)
-        add_grad(self.b_enc, b_enc_grad)
-        add_grad(self.b_dec, g.sum(0) - b_enc_grad @ self.W_enc.T)
-        fired = torch.bincount(idx.reshape(-1)[vals.reshape(-1) > 0], minlength=self.d_sae).to(torch.int32)
+        add_linear_grads(self, w_dec_grad, enc_grad_t[:, :-1].T, enc_grad_t[:, -1], g.sum(0))
         total = recon + self.aux_coeff * aux
-        return SAELoss(total, recon, torch.zeros_like(recon), aux, None, x_hat, active=(vals, idx), d_sae=self.d_sae,
-                       fired_counts=fired)
+        return SAELoss(total, recon, torch.zeros_like(recon), aux, None, x_hat, active=(vals, active),
+                       d_sae=self.d_sae, fired_counts=active.fired(vals))
 
     # ---------------------------------------------------------------- AuxK (shared with the BatchTopK family)
     def aux_k_loss(self, x: Tensor, x_hat: Tensor, pre: Tensor, dead_mask: Tensor | None) -> Tensor:
@@ -178,9 +162,9 @@ class TopKSAE(SAE):
         pre_dead = pre.index_select(1, dead)
         aux_idx = dead[pre_dead.topk(min(self.k_aux, dead.numel()), dim=-1, sorted=False).indices]
         aux_idx = aux_idx.sort(dim=-1).values
-        aux_vals = pre.gather(-1, aux_idx).float().relu_()
-        dead_active = ActiveLatents(aux_idx, self.d_sae)
-        aux_err = self.decode_sparse(aux_vals, aux_idx, bias=False) + err
+        aux_vals = pre.gather(-1, aux_idx).float().relu_().reshape(-1)
+        dead_active = ActiveEntries.of_rows(aux_idx, self.d_sae)
+        aux_err = dead_active.decode(aux_vals, self.W_dec) + err
         aux = aux_err.pow(2).sum() / n
         g_aux = aux_err.mul_(2.0 * self.aux_coeff / n)
         w_dec_grad += dead_active.sum_over_tokens(aux_vals, g_aux)

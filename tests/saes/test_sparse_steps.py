@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from saeforge.config import TrainConfig
-from saeforge.saes import create_sae
 from saeforge.saes.active import ActiveEntries, forced_path, goes_sparse
 from saeforge.saes.gated import GatedSAE
 from saeforge.saes.topk import top_k_indices

@@ -93,7 +93,8 @@ def _load(entry, index: int):
     return sae, name, path, sae.meta.max_input_norm
 
 
-def _as_batches(contexts, batch_size: int, device) -> list[Tensor]:
+def context_batches(contexts, batch_size: int, device) -> list[Tensor]:
+    """Token ids [n, len] (or a list of them) as batches of batch_size contexts on device; a clear error otherwise."""
     if isinstance(contexts, Tensor):
         contexts = contexts if contexts.ndim == 2 else contexts[None]
     else:
@@ -169,7 +170,7 @@ def evaluate(lm, saes: Iterable[Union[str, Path, torch.nn.Module]], site: str, c
     entries += [(GradientPursuitSAE(sae, k), f"{name}@ito{k}", path, max_norm)
                 for sae, name, path, max_norm in loaded for k in cfg.ito]
 
-    batches = _as_batches(contexts, cfg.batch_size, lm.device)
+    batches = context_batches(contexts, cfg.batch_size, lm.device)
     digest = eval_set_digest(batches)
     # Distinct outlier thresholds (None: splice every non-BOS position); each gets its own cached baselines.
     thresholds = list(dict.fromkeys(max_norm for _, _, _, max_norm in entries)) or [None]
@@ -308,7 +309,7 @@ def _pca_ranks(cfg: EvalConfig, d_site: int) -> list[int]:
 def _fit_key(batches: list[Tensor], cfg: EvalConfig, pca_fit_contexts) -> str:
     if pca_fit_contexts is None:
         return "eval:" + eval_set_digest(batches)
-    return "fit:" + eval_set_digest(_as_batches(pca_fit_contexts, cfg.batch_size, "cpu"))
+    return "fit:" + eval_set_digest(context_batches(pca_fit_contexts, cfg.batch_size, "cpu"))
 
 
 class _PCAJob:
@@ -345,7 +346,7 @@ def _pca_jobs(lm, site: str, batches: list[Tensor], cfg: EvalConfig, keep_bos: b
     if not ranks:
         return []
     fit_key = _fit_key(batches, cfg, pca_fit_contexts)
-    fit_batches = batches if pca_fit_contexts is None else _as_batches(pca_fit_contexts, cfg.batch_size, lm.device)
+    fit_batches = batches if pca_fit_contexts is None else context_batches(pca_fit_contexts, cfg.batch_size, lm.device)
     jobs = []
     for t in thresholds:
         cached = cache_entry(lm, site, batches, keep_bos, t).setdefault("pca", {})

@@ -43,7 +43,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from saeforge.errors import UserError
-from saeforge.evaluation.evaluate import _as_batches
+from saeforge.evaluation.evaluate import context_batches
 from saeforge.evaluation.splice import splice_mask, spliced_positions
 from saeforge.files import atomic_target, write_atomic
 from saeforge.models.lm import position_chunks
@@ -344,7 +344,7 @@ def collect_latent_examples(lm, sae, contexts, *, site: str, top_n: int = 20, n_
     n_tokens = n_contexts = 0
     W_dec = sae.W_dec.detach()
 
-    for tokens in tqdm(_as_batches(contexts, batch_size, lm.device), desc="dashboard: examples",
+    for tokens in tqdm(context_batches(contexts, batch_size, lm.device), desc="dashboard: examples",
                        disable=not progress, file=sys.stderr):
         if sae.needs_grad:
             acts, grads = lm.capture(tokens, [site], grad=True)

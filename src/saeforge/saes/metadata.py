@@ -1,8 +1,9 @@
 """What an SAE knows about where it came from, typed: the model and site it reads, how it was trained, what
 evaluation needs (the outlier threshold), and where an imported SAE came from. `sae.meta` holds it; cfg.json stores
 it in SAELens's layout (model, site, context and dataset at the top level) with saeforge's own facts under
-"saeforge". Reading checks every field's type and names the one that is wrong; fields saeforge does not know are
-kept as they were (`extra`), so a file written by a newer saeforge or edited by hand loses nothing on a round trip.
+"saeforge". Reading checks every field's type and names the one that is wrong; top-level fields saeforge does not
+know are kept as they were (`extra`), so a file edited by hand loses nothing on a round trip, while an unknown field
+in saeforge's own block is an error naming it (a typo there would otherwise be silently dropped).
 """
 
 from __future__ import annotations

@@ -130,8 +130,9 @@ def test_band_samples_lie_in_their_band_of_the_final_max(tiny_lm, batch_size):
                 assert len(chosen) == min(band_size, len(members[b])), (m, b)
             for e, c in zip(shown, chosen):
                 assert int(e["position"]) == int(peak_at[c, m])
+                # float32 products of another batch shape (and other CPU kernels) than the brute-force pass
                 torch.testing.assert_close(e["acts"], torch.tensor(_window(f[c, :, m], int(e["position"]), 0.0)),
-                                           rtol=1e-5, atol=1e-6)
+                                           rtol=1e-4, atol=1e-5)
             filled += len(chosen)
     assert filled > sae.d_sae  # the bands are not trivially empty
 
@@ -159,7 +160,8 @@ def test_gradient_sae_examples_carry_the_gradient_attribution(tiny_lm):
             assert float(e["value"]) == pytest.approx(float(f[c, :, m].max()), rel=1e-5)
             # f_i (d_i . grad L) on each token of the window
             expected = torch.tensor(_window(f[c, :, m] * grad_proj[c, :, m], p, 0.0))
-            torch.testing.assert_close(e["attribution"], expected, rtol=1e-4, atol=1e-9)
+            torch.testing.assert_close(e["attribution"], expected, rtol=1e-4,
+                                       atol=1e-3 * float(expected.abs().max()))  # another batch's float32 backward
             checked += int((expected != 0).sum())
     assert checked > 20
 

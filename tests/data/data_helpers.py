@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import torch
+from scipy.optimize import linear_sum_assignment
 
 from saeforge.config import DataConfig, ModelConfig
 from saeforge.data import pack_contexts, training_mask
@@ -59,6 +60,17 @@ def sort_rows(x: torch.Tensor) -> torch.Tensor:
     for col in reversed(range(x.shape[1])):
         order = order[torch.sort(x[order, col], stable=True).indices]
     return x[order]
+
+
+def assert_same_rows(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-4) -> None:
+    """a and b hold the same multiset of rows up to float32 rounding (relative to each row's size): the pairing of
+    their rows that minimises the total distance pairs every row with a near-equal one. Sorting both would not do:
+    rounding can swap rows whose first entries nearly tie, and repeated rows make nearest neighbours ambiguous."""
+    assert a.shape == b.shape, (a.shape, b.shape)
+    distance = torch.cdist(a.double(), b.double())
+    rows, cols = linear_sum_assignment(distance.numpy())
+    paired = distance[torch.as_tensor(rows), torch.as_tensor(cols)]
+    assert bool((paired <= tol * (1 + a.double().norm(dim=1)[torch.as_tensor(rows)])).all()), float(paired.max())
 
 
 def subprocess_env() -> dict:
